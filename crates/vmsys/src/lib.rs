@@ -1,0 +1,16 @@
+//! vmsys: a kernel virtual-memory system.
+//!
+//! `no_std` + `alloc`, so that it drops into a Rust kernel. The hardware is reached only through
+//! [`platform::Platform`]; the page-table formats it manages are described as data in
+//! [`vmsys_arch`].
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+
+pub mod addr;
+pub mod platform;
+
+pub use addr::{AddrError, PageSize, PhysAddr, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
+pub use platform::Platform;
+pub use vmsys_arch as arch;
