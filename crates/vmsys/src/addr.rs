@@ -198,14 +198,22 @@ mod tests {
         assert_eq!(VirtAddr::new(u64::MAX).align_up(PAGE_SIZE), None);
         assert_eq!(
             a.require_aligned(PAGE_SIZE),
-            Err(AddrError::Misaligned { addr: 0x20_1234, align: PAGE_SIZE })
+            Err(AddrError::Misaligned {
+                addr: 0x20_1234,
+                align: PAGE_SIZE
+            })
         );
         assert_eq!(PhysAddr::new(0x3000) - PhysAddr::new(0x1000), 0x2000);
     }
 
     #[test]
     fn page_sizes_round_trip() {
-        for s in [PageSize::Size4K, PageSize::Size2M, PageSize::Size4M, PageSize::Size1G] {
+        for s in [
+            PageSize::Size4K,
+            PageSize::Size2M,
+            PageSize::Size4M,
+            PageSize::Size1G,
+        ] {
             assert_eq!(PageSize::from_shift(s.shift()), Some(s));
             assert_eq!(s.bytes(), 1u64 << s.shift());
         }

@@ -106,7 +106,11 @@ pub enum TlbInval {
     /// The entries that translate `va`, global ones included. With `leaf_only` (arm64 TLBI
     /// VALE1) the paging-structure (walk) caches are left alone; without it they are
     /// invalidated too, as x86 INVLPG and arm64 TLBI VAE1 do.
-    Page { va: VirtAddr, tag: TagSel, leaf_only: bool },
+    Page {
+        va: VirtAddr,
+        tag: TagSel,
+        leaf_only: bool,
+    },
     /// Every non-global entry with this tag, and the paging-structure caches for it.
     Tag(u16),
     /// Every non-global entry of every tag.

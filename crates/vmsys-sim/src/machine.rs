@@ -1,0 +1,768 @@
+//! The simulated machine: memory, CPUs run by host threads, IPIs and broadcast invalidation,
+//! and the `Platform` implementation that vmsys runs on.
+//!
+//! A host thread runs on a simulated CPU by *binding* to it ([`Machine::run_on`]): it takes the
+//! CPU's state lock for the duration and keeps the guard in a thread-local stack, so that the
+//! `Platform` methods (which act on the current CPU, as in a kernel) find it. Another CPU reaches
+//! a bound CPU only through its mailbox, which the bound thread drains at interrupt points (every
+//! simulated access and every spin-wait iteration). A CPU that no thread is running has nobody to
+//! drain its mailbox, so a sender that is waiting for it takes its state lock and drains the
+//! mailbox on its behalf. While it waits, a sender keeps draining its own mailbox: two CPUs that
+//! interrupt each other at once both make progress.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::lock_api::ArcMutexGuard;
+use parking_lot::{Mutex, RawMutex, RwLock};
+use vmsys::arch::FormatId;
+use vmsys::platform::{
+    AccessKind, CpuId, CpuSet, Fault, FaultHandler, FaultResolution, IpiHandler, IpiMessage,
+    PhysSegment, Platform, PlatformError, RootLoad, TagSel, TlbInval,
+};
+use vmsys::{PhysAddr, VirtAddr};
+
+use crate::cpu::{CounterSnapshot, CpuCounters, CpuState};
+use crate::detector::{Detector, DetectorMode, Violation, ViolationKind};
+use crate::mem::PhysMem;
+use crate::walker::{MmuRegs, Mode};
+
+/// How a machine is built.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub format: FormatId,
+    pub cpus: u32,
+    /// Physical memory in bytes (rounded up to 2 MiB).
+    pub mem_bytes: u64,
+    /// NUMA domains; memory is split evenly between them.
+    pub domains: u8,
+    /// The kernel's direct map may cover only memory below this (default: all of it).
+    pub direct_map_limit: Option<u64>,
+    pub detector: DetectorMode,
+    /// arm64: hardware-managed access flag (TCR_EL1.HA); without it AF = 0 faults.
+    pub arm64_hw_af: bool,
+    /// arm64: hardware dirty state through DBM (TCR_EL1.HD).
+    pub arm64_hw_dbm: bool,
+    /// Physical-address width in bits (MAXPHYADDR); 32 on i386 2-level.
+    pub pa_bits: u8,
+}
+
+impl MachineConfig {
+    /// Defaults for a format: 4 CPUs, 1 GiB in one domain, the detector on every access.
+    pub fn new(format: FormatId) -> Self {
+        MachineConfig {
+            format,
+            cpus: 4,
+            mem_bytes: 1 << 30,
+            domains: 1,
+            direct_map_limit: None,
+            detector: DetectorMode::Every,
+            arm64_hw_af: true,
+            arm64_hw_dbm: true,
+            pa_bits: match format {
+                FormatId::I386 => 32,
+                FormatId::I386Pae => 36,
+                FormatId::Arm64 => 48,
+                FormatId::Amd64 | FormatId::Amd64La57 => 46,
+            },
+        }
+    }
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
+    pub fn mem(mut self, bytes: u64) -> Self {
+        self.mem_bytes = bytes;
+        self
+    }
+    pub fn domains(mut self, n: u8) -> Self {
+        self.domains = n;
+        self
+    }
+    pub fn detector(mut self, mode: DetectorMode) -> Self {
+        self.detector = mode;
+        self
+    }
+    pub fn direct_map_limit(mut self, limit: u64) -> Self {
+        self.direct_map_limit = Some(limit);
+        self
+    }
+    pub fn arm64_software_af(mut self) -> Self {
+        self.arm64_hw_af = false;
+        self
+    }
+}
+
+/// Why a machine could not be built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    Cpus(u32),
+    Memory(u64),
+    Domains(u8),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Cpus(n) => {
+                write!(f, "{n} CPUs: a machine has 1 to {} CPUs", vmsys::platform::MAX_CPUS)
+            }
+            ConfigError::Memory(b) => write!(
+                f,
+                "{b} bytes of memory: need at least 4 MiB and no more than the format's physical address space"
+            ),
+            ConfigError::Domains(d) => write!(f, "{d} NUMA domains: need 1 to 64, each at least 2 MiB"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn mode_of(f: FormatId) -> Mode {
+    match f {
+        FormatId::Amd64 => Mode::Amd64 { la57: false },
+        FormatId::Amd64La57 => Mode::Amd64 { la57: true },
+        FormatId::Arm64 => Mode::Arm64,
+        FormatId::I386 => Mode::I386,
+        FormatId::I386Pae => Mode::I386Pae,
+    }
+}
+
+enum Work {
+    Ipi(IpiMessage),
+    Inval(TlbInval),
+    Audit(Arc<Mutex<Vec<Violation>>>),
+}
+
+struct Msg {
+    work: Work,
+    /// Targets still to finish this message's work; the sender waits for 0.
+    remaining: Option<Arc<AtomicUsize>>,
+}
+
+struct CpuShared {
+    state: Arc<Mutex<CpuState>>,
+    mailbox: Mutex<VecDeque<Msg>>,
+    pending: AtomicBool,
+    counters: CpuCounters,
+}
+
+struct Bound {
+    machine: usize,
+    cpu: CpuId,
+    guard: ArcMutexGuard<RawMutex, CpuState>,
+}
+
+thread_local! {
+    /// The CPUs this thread runs on, innermost last (a sender that drains an idle CPU's mailbox
+    /// runs on it for that while).
+    static BOUND: RefCell<Vec<Bound>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A simulated machine.
+pub struct Machine {
+    cfg: MachineConfig,
+    mode: Mode,
+    mem: PhysMem,
+    segments: Vec<PhysSegment>,
+    cpus: Vec<CpuShared>,
+    detector: Detector,
+    ipi_handlers: RwLock<Vec<Option<IpiHandler>>>,
+    fault_handler: RwLock<Option<FaultHandler>>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Build a machine.
+    pub fn new(cfg: MachineConfig) -> Result<Arc<Machine>, ConfigError> {
+        if cfg.cpus == 0 || cfg.cpus as usize > vmsys::platform::MAX_CPUS {
+            return Err(ConfigError::Cpus(cfg.cpus));
+        }
+        let pa_limit = 1u128 << cfg.pa_bits;
+        if cfg.mem_bytes < 4 << 20 || cfg.mem_bytes as u128 > pa_limit {
+            return Err(ConfigError::Memory(cfg.mem_bytes));
+        }
+        let mem = PhysMem::new(cfg.mem_bytes);
+        let per = (mem.size() / cfg.domains.max(1) as u64) & !((2 << 20) - 1);
+        if cfg.domains == 0 || cfg.domains > 64 || per == 0 {
+            return Err(ConfigError::Domains(cfg.domains));
+        }
+        let segments = (0..cfg.domains)
+            .map(|d| PhysSegment {
+                start: PhysAddr::new(d as u64 * per),
+                end: PhysAddr::new(if d + 1 == cfg.domains {
+                    mem.size()
+                } else {
+                    (d as u64 + 1) * per
+                }),
+                domain: d,
+            })
+            .collect();
+        let mode = mode_of(cfg.format);
+        let regs = MmuRegs {
+            mode,
+            root: 0,
+            kernel_root: 0,
+            tag: 0,
+            pdpte: [0; 4],
+            nxe: mode != Mode::I386,
+            wp: true,
+            pge: true,
+            smep: false,
+            hw_af: cfg.arm64_hw_af,
+            hw_dbm: cfg.arm64_hw_dbm,
+            pa_bits: cfg.pa_bits,
+        };
+        let cpus = (0..cfg.cpus)
+            .map(|id| CpuShared {
+                state: Arc::new(Mutex::new(CpuState::new(id, regs))),
+                mailbox: Mutex::new(VecDeque::new()),
+                pending: AtomicBool::new(false),
+                counters: CpuCounters::default(),
+            })
+            .collect();
+        Ok(Arc::new(Machine {
+            detector: Detector::new(cfg.cpus as usize, cfg.detector),
+            cfg,
+            mode,
+            mem,
+            segments,
+            cpus,
+            ipi_handlers: RwLock::new(vec![None; 256]),
+            fault_handler: RwLock::new(None),
+        }))
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &MachineConfig {
+        &self.cfg
+    }
+
+    /// Its physical memory (for the walker tests and the host side of workloads).
+    pub fn mem(&self) -> &PhysMem {
+        &self.mem
+    }
+
+    /// The stale-translation detector.
+    pub fn detector(&self) -> &Detector {
+        &self.detector
+    }
+
+    fn id(&self) -> usize {
+        self as *const Machine as usize
+    }
+
+    /// Run `f` on CPU `cpu` from the calling thread. The CPU is this thread's until `f` returns.
+    pub fn run_on<R>(&self, cpu: CpuId, f: impl FnOnce(&Cpu<'_>) -> R) -> R {
+        let shared = self
+            .cpus
+            .get(cpu as usize)
+            .unwrap_or_else(|| panic!("no cpu {cpu}"));
+        let me = self.id();
+        BOUND.with(|b| {
+            assert!(
+                !b.borrow().iter().any(|x| x.machine == me),
+                "this thread already runs on a cpu of this machine"
+            )
+        });
+        let guard = shared.state.lock_arc();
+        BOUND.with(|b| {
+            b.borrow_mut().push(Bound {
+                machine: me,
+                cpu,
+                guard,
+            })
+        });
+        struct Unbind;
+        impl Drop for Unbind {
+            fn drop(&mut self) {
+                BOUND.with(|b| b.borrow_mut().pop());
+            }
+        }
+        let _unbind = Unbind;
+        let c = Cpu { m: self, id: cpu };
+        c.take_interrupts();
+        f(&c)
+    }
+
+    /// Run `f` on every CPU at once, one host thread each; returns their results by CPU.
+    pub fn run_on_all<R: Send>(&self, f: impl Fn(&Cpu<'_>) -> R + Sync) -> Vec<R> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..self.cfg.cpus)
+                .map(|c| {
+                    let f = &f;
+                    s.spawn(move || self.run_on(c, f))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+
+    /// The CPU the calling thread runs on, if it runs on one of this machine.
+    pub fn current(&self) -> Option<CpuId> {
+        let me = self.id();
+        BOUND.with(|b| b.borrow().last().filter(|x| x.machine == me).map(|x| x.cpu))
+    }
+
+    #[inline]
+    fn with_state<R>(&self, f: impl FnOnce(&mut CpuState) -> R) -> R {
+        let me = self.id();
+        BOUND.with(|b| {
+            let mut b = b.borrow_mut();
+            let top = b
+                .last_mut()
+                .filter(|x| x.machine == me)
+                .expect("not running on a cpu of this machine");
+            f(&mut top.guard)
+        })
+    }
+
+    /// Drain the current CPU's mailbox (an interrupt point).
+    fn service_current(&self, cpu: CpuId) {
+        let sh = &self.cpus[cpu as usize];
+        while sh.pending.swap(false, Ordering::Acquire) {
+            let msgs: Vec<Msg> = sh.mailbox.lock().drain(..).collect();
+            for m in msgs {
+                match m.work {
+                    Work::Ipi(msg) => {
+                        let h = self.ipi_handlers.read()[msg.vector as usize].clone();
+                        if let Some(h) = h {
+                            h(&msg);
+                        }
+                        sh.counters.ipis_handled.bump();
+                    }
+                    Work::Inval(inv) => {
+                        self.with_state(|st| st.invalidate(inv));
+                        sh.counters.remote_invalidations.bump();
+                    }
+                    Work::Audit(out) => {
+                        let v = self.with_state(|st| st.audit(&self.mem, &self.detector));
+                        out.lock().extend(v);
+                    }
+                }
+                if let Some(r) = m.remaining {
+                    r.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+
+    /// If `cpu` has mail and no thread runs it, run on it briefly and drain the mail.
+    fn service_if_idle(&self, cpu: CpuId) {
+        let sh = &self.cpus[cpu as usize];
+        if !sh.pending.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(guard) = sh.state.try_lock_arc() {
+            BOUND.with(|b| {
+                b.borrow_mut().push(Bound {
+                    machine: self.id(),
+                    cpu,
+                    guard,
+                })
+            });
+            self.service_current(cpu);
+            BOUND.with(|b| b.borrow_mut().pop());
+        }
+    }
+
+    fn post(&self, cpu: CpuId, work: Work, remaining: Option<Arc<AtomicUsize>>) {
+        let sh = &self.cpus[cpu as usize];
+        sh.mailbox.lock().push_back(Msg { work, remaining });
+        sh.pending.store(true, Ordering::Release);
+    }
+
+    /// Post `make()` to every target and wait until all have done it, taking the caller's own
+    /// interrupts and serving idle targets meanwhile.
+    fn deliver_and_wait(&self, targets: &CpuSet, make: impl Fn() -> Work) {
+        let remaining = Arc::new(AtomicUsize::new(targets.len() as usize));
+        for t in targets.iter() {
+            self.post(t, make(), Some(remaining.clone()));
+        }
+        let me = self.current();
+        let mut spins = 0u32;
+        while remaining.load(Ordering::Acquire) != 0 {
+            if let Some(me) = me {
+                self.service_current(me);
+            }
+            for t in targets.iter() {
+                if Some(t) != me {
+                    self.service_if_idle(t);
+                }
+            }
+            spins += 1;
+            if spins % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Check every CPU's TLB, walk cache and PAE registers against the tables; the violations
+    /// found are recorded and returned. Meant for quiescent points (between operations).
+    pub fn audit(&self) -> Vec<Violation> {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let all = CpuSet::first_n(self.cfg.cpus);
+        self.deliver_and_wait(&all, || Work::Audit(out.clone()));
+        let v = std::mem::take(&mut *out.lock());
+        for x in &v {
+            self.detector.record(x.clone());
+        }
+        v
+    }
+
+    /// Counters of one CPU.
+    pub fn cpu_counters(&self, cpu: CpuId) -> CounterSnapshot {
+        self.cpus[cpu as usize].counters.snapshot()
+    }
+
+    /// Counters summed over all CPUs.
+    pub fn counters(&self) -> CounterSnapshot {
+        let mut t = CounterSnapshot::default();
+        for c in &self.cpus {
+            t += c.counters.snapshot();
+        }
+        t
+    }
+
+    /// Panic at the first violation instead of recording it (for debugging).
+    pub fn panic_on_violation(&self, on: bool) {
+        self.detector
+            .panic_on_violation
+            .store(on, Ordering::Relaxed);
+    }
+
+    fn bbm_check(&self, pa: u64, old: u64, new: u64) {
+        // Arm ARM: changing a valid descriptor's output address, its type (table/block/page),
+        // memory type, shareability, contiguous hint or nG needs break-before-make.
+        const VALID: u64 = 1;
+        const BBM_FIELDS: u64 =
+            0x0000_ffff_ffff_f000 | 0b11 | (0b111 << 2) | (0b11 << 8) | (1 << 11) | (1 << 52);
+        if self.mode == Mode::Arm64
+            && old & VALID != 0
+            && new & VALID != 0
+            && (old ^ new) & BBM_FIELDS != 0
+        {
+            self.detector.record(Violation {
+                cpu: self.current().unwrap_or(CpuId::MAX),
+                va: 0,
+                kind: ViolationKind::BreakBeforeMake { pa, old, new },
+            });
+        }
+    }
+
+    fn check_pa(&self, pa: PhysAddr, len: u64) {
+        assert!(
+            self.mem.contains(pa.as_u64(), len),
+            "machine check: physical access {pa}+{len:#x} beyond memory ({:#x})",
+            self.mem.size()
+        );
+    }
+}
+
+/// A handle for the CPU the calling thread runs on (see [`Machine::run_on`]).
+pub struct Cpu<'m> {
+    m: &'m Machine,
+    id: CpuId,
+}
+
+impl<'m> Cpu<'m> {
+    /// This CPU's number.
+    pub fn id(&self) -> CpuId {
+        self.id
+    }
+
+    /// The machine.
+    pub fn machine(&self) -> &'m Machine {
+        self.m
+    }
+
+    /// An interrupt point: take pending IPIs and broadcast invalidations.
+    #[inline]
+    pub fn take_interrupts(&self) {
+        if self.m.cpus[self.id as usize]
+            .pending
+            .load(Ordering::Relaxed)
+        {
+            self.m.service_current(self.id);
+        }
+    }
+
+    /// Switch between user and supervisor mode for the accesses that follow.
+    pub fn set_user(&self, user: bool) {
+        self.m.with_state(|st| st.user = user);
+    }
+
+    /// The MMU registers of this CPU.
+    pub fn regs(&self) -> MmuRegs {
+        self.m.with_state(|st| st.regs)
+    }
+
+    /// Change MMU control bits (CR0.WP, CR4.SMEP, ...) for tests.
+    pub fn update_regs(&self, f: impl FnOnce(&mut MmuRegs)) {
+        self.m.with_state(|st| f(&mut st.regs));
+    }
+
+    /// The number of valid TLB entries and walk-cache entries.
+    pub fn cache_sizes(&self) -> (usize, usize) {
+        self.m.with_state(|st| (st.tlb.len(), st.psc.len()))
+    }
+
+    /// Translate `va` for an access, delivering faults to the kernel's handler (which may fix the
+    /// tables and ask for a retry).
+    #[inline]
+    pub fn translate(&self, va: u64, kind: AccessKind) -> Result<u64, Fault> {
+        let mut retries = 0;
+        loop {
+            self.take_interrupts();
+            let m = self.m;
+            let ctr = &m.cpus[self.id as usize].counters;
+            let (r, user) =
+                m.with_state(|st| (st.translate(&m.mem, &m.detector, ctr, va, kind), st.user));
+            let reason = match r {
+                Ok(pa) => return Ok(pa),
+                Err(reason) => reason,
+            };
+            let fault = Fault {
+                cpu: self.id,
+                va: VirtAddr::new(va),
+                access: kind,
+                user,
+                reason,
+            };
+            let handler = m.fault_handler.read().clone();
+            match handler {
+                Some(h) if retries < 16 && h(&fault) == FaultResolution::Retry => retries += 1,
+                _ => return Err(fault),
+            }
+        }
+    }
+
+    /// Load 8 bytes (aligned) at `va`.
+    #[inline]
+    pub fn read_u64(&self, va: u64) -> Result<u64, Fault> {
+        let pa = self.translate(va, AccessKind::Read)?;
+        Ok(self.m.mem.load_u64(pa))
+    }
+
+    /// Store 8 bytes (aligned) at `va`.
+    #[inline]
+    pub fn write_u64(&self, va: u64, val: u64) -> Result<(), Fault> {
+        let pa = self.translate(va, AccessKind::Write)?;
+        self.m.mem.store_u64(pa, val);
+        Ok(())
+    }
+
+    /// Fetch an instruction word (8 bytes) at `va`: an execute access.
+    pub fn fetch_u64(&self, va: u64) -> Result<u64, Fault> {
+        let pa = self.translate(va, AccessKind::Execute)?;
+        Ok(self.m.mem.load_u64(pa))
+    }
+
+    /// Read bytes at any `va`, page by page.
+    pub fn read_bytes(&self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        let mut off = 0;
+        while off < buf.len() {
+            let a = va + off as u64;
+            let n = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - off);
+            let pa = self.translate(a, AccessKind::Read)?;
+            self.m.mem.read_bytes(pa, &mut buf[off..off + n]);
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Write bytes at any `va`, page by page.
+    pub fn write_bytes(&self, va: u64, buf: &[u8]) -> Result<(), Fault> {
+        let mut off = 0;
+        while off < buf.len() {
+            let a = va + off as u64;
+            let n = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - off);
+            let pa = self.translate(a, AccessKind::Write)?;
+            self.m.mem.write_bytes(pa, &buf[off..off + n]);
+            off += n;
+        }
+        Ok(())
+    }
+}
+
+impl Platform for Machine {
+    fn format(&self) -> FormatId {
+        self.cfg.format
+    }
+    fn cpu_count(&self) -> u32 {
+        self.cfg.cpus
+    }
+    fn current_cpu(&self) -> CpuId {
+        self.current()
+            .expect("current_cpu: not running on a cpu of this machine")
+    }
+    fn phys_segments(&self) -> &[PhysSegment] {
+        &self.segments
+    }
+    fn direct_map_limit(&self) -> PhysAddr {
+        PhysAddr::new(
+            self.cfg
+                .direct_map_limit
+                .unwrap_or(self.mem.size())
+                .min(self.mem.size()),
+        )
+    }
+
+    fn pt_load64(&self, pa: PhysAddr) -> u64 {
+        self.check_pa(pa, 8);
+        self.mem.load_u64(pa.as_u64())
+    }
+    fn pt_store64(&self, pa: PhysAddr, val: u64) {
+        self.pt_swap64(pa, val);
+    }
+    fn pt_swap64(&self, pa: PhysAddr, val: u64) -> u64 {
+        self.check_pa(pa, 8);
+        let old = self.mem.swap_u64(pa.as_u64(), val);
+        self.bbm_check(pa.as_u64(), old, val);
+        old
+    }
+    fn pt_cas64(&self, pa: PhysAddr, old: u64, new: u64) -> Result<u64, u64> {
+        self.check_pa(pa, 8);
+        let r = self.mem.cas_u64(pa.as_u64(), old, new);
+        if r.is_ok() {
+            self.bbm_check(pa.as_u64(), old, new);
+        }
+        r
+    }
+    fn pt_load32(&self, pa: PhysAddr) -> u32 {
+        self.check_pa(pa, 4);
+        self.mem.load_u32(pa.as_u64())
+    }
+    fn pt_store32(&self, pa: PhysAddr, val: u32) {
+        self.check_pa(pa, 4);
+        self.mem.store_u32(pa.as_u64(), val)
+    }
+    fn pt_swap32(&self, pa: PhysAddr, val: u32) -> u32 {
+        self.check_pa(pa, 4);
+        self.mem.swap_u32(pa.as_u64(), val)
+    }
+    fn pt_cas32(&self, pa: PhysAddr, old: u32, new: u32) -> Result<u32, u32> {
+        self.check_pa(pa, 4);
+        self.mem.cas_u32(pa.as_u64(), old, new)
+    }
+    fn phys_zero(&self, pa: PhysAddr, len: u64) {
+        self.check_pa(pa, len);
+        self.mem.zero(pa.as_u64(), len)
+    }
+    fn phys_copy(&self, src: PhysAddr, dst: PhysAddr, len: u64) {
+        self.check_pa(src, len);
+        self.check_pa(dst, len);
+        self.mem.copy(src.as_u64(), dst.as_u64(), len)
+    }
+    fn phys_read(&self, pa: PhysAddr, buf: &mut [u8]) {
+        self.check_pa(pa, buf.len() as u64);
+        self.mem.read_bytes(pa.as_u64(), buf)
+    }
+    fn phys_write(&self, pa: PhysAddr, buf: &[u8]) {
+        self.check_pa(pa, buf.len() as u64);
+        self.mem.write_bytes(pa.as_u64(), buf)
+    }
+
+    fn load_root(&self, load: RootLoad) {
+        let cpu = self.current_cpu();
+        self.with_state(|st| st.load_root(&self.mem, load));
+        self.cpus[cpu as usize].counters.root_loads.bump();
+        if load.flush {
+            self.cpus[cpu as usize].counters.local_invalidations.bump();
+        }
+    }
+    fn load_kernel_root(&self, root: PhysAddr) -> Result<(), PlatformError> {
+        if self.mode != Mode::Arm64 {
+            return Err(PlatformError::Unsupported);
+        }
+        self.with_state(|st| st.regs.kernel_root = root.as_u64());
+        Ok(())
+    }
+    fn tlb_invalidate_local(&self, inv: TlbInval) {
+        let cpu = self.current_cpu();
+        self.with_state(|st| st.invalidate(inv));
+        self.cpus[cpu as usize].counters.local_invalidations.bump();
+    }
+    fn tlb_invalidate_broadcast(&self, inv: TlbInval) -> Result<(), PlatformError> {
+        if self.mode != Mode::Arm64 {
+            return Err(PlatformError::Unsupported);
+        }
+        let me = self.current().ok_or(PlatformError::NotOnCpu)?;
+        // TLBI ...IS names the ASID explicitly: "current" means the issuer's.
+        let inv = match inv {
+            TlbInval::Page {
+                va,
+                tag: TagSel::Current,
+                leaf_only,
+            } => TlbInval::Page {
+                va,
+                tag: TagSel::Tag(self.with_state(|st| st.regs.tag)),
+                leaf_only,
+            },
+            other => other,
+        };
+        self.with_state(|st| st.invalidate(inv));
+        let mut others = CpuSet::first_n(self.cfg.cpus);
+        others.remove(me);
+        self.deliver_and_wait(&others, || Work::Inval(inv));
+        self.cpus[me as usize]
+            .counters
+            .broadcast_invalidations
+            .bump();
+        Ok(())
+    }
+
+    fn set_ipi_handler(&self, vector: u8, handler: IpiHandler) {
+        self.ipi_handlers.write()[vector as usize] = Some(handler);
+    }
+    fn send_ipi(&self, targets: &CpuSet, msg: IpiMessage, wait: bool) -> Result<(), PlatformError> {
+        if let Some(bad) = targets.iter().find(|&c| c >= self.cfg.cpus) {
+            return Err(PlatformError::BadCpu(bad));
+        }
+        let me = self.current().ok_or(PlatformError::NotOnCpu)?;
+        self.cpus[me as usize]
+            .counters
+            .ipis_sent
+            .add(targets.len() as u64);
+        if wait {
+            self.deliver_and_wait(targets, || Work::Ipi(msg));
+        } else {
+            for t in targets.iter() {
+                self.post(t, Work::Ipi(msg), None);
+            }
+        }
+        Ok(())
+    }
+    fn interrupt_point(&self) {
+        if let Some(me) = self.current() {
+            if self.cpus[me as usize].pending.load(Ordering::Relaxed) {
+                self.service_current(me);
+            }
+        }
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        *self.fault_handler.write() = Some(handler);
+    }
+
+    fn pt_update_begin(&self, start: VirtAddr, end: VirtAddr) {
+        self.detector
+            .begin(self.current_cpu(), start.as_u64(), end.as_u64());
+    }
+    fn pt_update_end(&self) {
+        self.detector.end(self.current_cpu());
+    }
+}
