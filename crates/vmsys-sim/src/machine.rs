@@ -19,8 +19,8 @@ use parking_lot::lock_api::ArcMutexGuard;
 use parking_lot::{Mutex, RawMutex, RwLock};
 use vmsys::arch::FormatId;
 use vmsys::platform::{
-    AccessKind, CpuId, CpuSet, Fault, FaultHandler, FaultResolution, IpiHandler, IpiMessage,
-    PhysSegment, Platform, PlatformError, RootLoad, TagSel, TlbInval,
+    AccessKind, CpuId, CpuSet, Fault, FaultHandler, FaultReason, FaultResolution, IpiHandler,
+    IpiMessage, PhysSegment, Platform, PlatformError, RootLoad, TagSel, TlbInval,
 };
 use vmsys::{PhysAddr, VirtAddr};
 
@@ -152,7 +152,24 @@ struct CpuShared {
 struct Bound {
     machine: usize,
     cpu: CpuId,
-    guard: ArcMutexGuard<RawMutex, CpuState>,
+    /// Every access to the state goes through this pointer, taken from `_guard` when the CPU was
+    /// bound; the guard itself is only kept to hold the lock.
+    state: *mut CpuState,
+    _guard: ArcMutexGuard<RawMutex, CpuState>,
+}
+
+impl Bound {
+    fn new(machine: usize, cpu: CpuId, mut guard: ArcMutexGuard<RawMutex, CpuState>) -> Self {
+        // The state lives in the Arc's allocation, so the pointer stays valid while the guard
+        // (which moves with this struct) is held.
+        let state: *mut CpuState = &mut *guard;
+        Bound {
+            machine,
+            cpu,
+            state,
+            _guard: guard,
+        }
+    }
 }
 
 thread_local! {
@@ -274,14 +291,9 @@ impl Machine {
                 "this thread already runs on a cpu of this machine"
             )
         });
-        let guard = shared.state.lock_arc();
-        BOUND.with(|b| {
-            b.borrow_mut().push(Bound {
-                machine: me,
-                cpu,
-                guard,
-            })
-        });
+        let bound = Bound::new(me, cpu, shared.state.lock_arc());
+        let state = bound.state;
+        BOUND.with(|b| b.borrow_mut().push(bound));
         struct Unbind;
         impl Drop for Unbind {
             fn drop(&mut self) {
@@ -289,7 +301,12 @@ impl Machine {
             }
         }
         let _unbind = Unbind;
-        let c = Cpu { m: self, id: cpu };
+        let c = Cpu {
+            m: self,
+            id: cpu,
+            shared,
+            state,
+        };
         c.take_interrupts();
         f(&c)
     }
@@ -324,7 +341,10 @@ impl Machine {
                 .last_mut()
                 .filter(|x| x.machine == me)
                 .expect("not running on a cpu of this machine");
-            f(&mut top.guard)
+            // SAFETY: this thread holds the CPU's lock (the guard in `top`), and the RefCell
+            // borrow held across `f` keeps any other `with_state` from overlapping; the access
+            // path (`Cpu::translate`) never runs inside `f` (every `f` here is internal).
+            f(unsafe { &mut *top.state })
         })
     }
 
@@ -365,13 +385,7 @@ impl Machine {
             return;
         }
         if let Some(guard) = sh.state.try_lock_arc() {
-            BOUND.with(|b| {
-                b.borrow_mut().push(Bound {
-                    machine: self.id(),
-                    cpu,
-                    guard,
-                })
-            });
+            BOUND.with(|b| b.borrow_mut().push(Bound::new(self.id(), cpu, guard)));
             self.service_current(cpu);
             BOUND.with(|b| b.borrow_mut().pop());
         }
@@ -402,7 +416,7 @@ impl Machine {
                 }
             }
             spins += 1;
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -445,6 +459,9 @@ impl Machine {
     }
 
     fn bbm_check(&self, pa: u64, old: u64, new: u64) {
+        if self.detector.period() == 0 {
+            return;
+        }
         // Arm ARM: changing a valid descriptor's output address, its type (table/block/page),
         // memory type, shareability, contiguous hint or nG needs break-before-make.
         const VALID: u64 = 1;
@@ -476,6 +493,10 @@ impl Machine {
 pub struct Cpu<'m> {
     m: &'m Machine,
     id: CpuId,
+    shared: &'m CpuShared,
+    /// The bound CPU's state (see `Bound`); a raw pointer also makes `Cpu` neither `Send` nor
+    /// `Sync`, so it cannot leave the thread that holds the CPU.
+    state: *mut CpuState,
 }
 
 impl<'m> Cpu<'m> {
@@ -510,9 +531,10 @@ impl<'m> Cpu<'m> {
         self.m.with_state(|st| st.regs)
     }
 
-    /// Change MMU control bits (CR0.WP, CR4.SMEP, ...) for tests.
-    pub fn update_regs(&self, f: impl FnOnce(&mut MmuRegs)) {
-        self.m.with_state(|st| f(&mut st.regs));
+    /// Set MMU control bits (CR0.WP, CR4.SMEP, ...), for tests. The root and tag are better
+    /// loaded through `Platform::load_root`, which also does what the hardware does on a load.
+    pub fn set_regs(&self, regs: MmuRegs) {
+        self.m.with_state(|st| st.regs = regs);
     }
 
     /// The number of valid TLB entries and walk-cache entries.
@@ -524,17 +546,30 @@ impl<'m> Cpu<'m> {
     /// tables and ask for a retry).
     #[inline]
     pub fn translate(&self, va: u64, kind: AccessKind) -> Result<u64, Fault> {
+        self.take_interrupts();
+        // SAFETY: `run_on` holds this CPU's lock for as long as `self` exists (`Cpu` is created
+        // there and only lent out by reference, and it is neither Send nor Sync). No other
+        // reference to the state is live: `with_state` borrows end before they return and never
+        // call back into the access path, and `CpuState::translate` calls out to nothing.
+        let st = unsafe { &mut *self.state };
+        match st.translate(
+            &self.m.mem,
+            &self.m.detector,
+            &self.shared.counters,
+            va,
+            kind,
+        ) {
+            Ok(pa) => Ok(pa),
+            Err(reason) => self.fault(va, kind, reason),
+        }
+    }
+
+    /// Deliver a fault to the kernel's handler; retry the access while it asks to.
+    #[cold]
+    fn fault(&self, va: u64, kind: AccessKind, mut reason: FaultReason) -> Result<u64, Fault> {
         let mut retries = 0;
         loop {
-            self.take_interrupts();
-            let m = self.m;
-            let ctr = &m.cpus[self.id as usize].counters;
-            let (r, user) =
-                m.with_state(|st| (st.translate(&m.mem, &m.detector, ctr, va, kind), st.user));
-            let reason = match r {
-                Ok(pa) => return Ok(pa),
-                Err(reason) => reason,
-            };
+            let user = self.m.with_state(|st| st.user);
             let fault = Fault {
                 cpu: self.id,
                 va: VirtAddr::new(va),
@@ -542,10 +577,18 @@ impl<'m> Cpu<'m> {
                 user,
                 reason,
             };
-            let handler = m.fault_handler.read().clone();
+            let handler = self.m.fault_handler.read().clone();
             match handler {
                 Some(h) if retries < 16 && h(&fault) == FaultResolution::Retry => retries += 1,
                 _ => return Err(fault),
+            }
+            self.take_interrupts();
+            let m = self.m;
+            match m
+                .with_state(|st| st.translate(&m.mem, &m.detector, &self.shared.counters, va, kind))
+            {
+                Ok(pa) => return Ok(pa),
+                Err(r) => reason = r,
             }
         }
     }

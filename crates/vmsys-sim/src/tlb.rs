@@ -168,17 +168,36 @@ impl Tlb {
 
     /// An entry of another size that overlaps `e` for its tag and maps the overlap to different
     /// frames: two entries translating one address differently are a TLB conflict on arm64.
-    /// Scans the whole TLB; called only when the format requires break-before-make.
+    /// Larger classes are probed at `e`'s address; smaller ones (only when `e` is a block, which
+    /// is rare) are scanned.
     pub fn conflicting(&self, e: &TlbEntry) -> Option<TlbEntry> {
         let (lo, hi) = (e.tr.va_base, e.tr.va_base + (1u64 << e.tr.shift));
-        self.iter()
-            .filter(|o| o.tr.shift != e.tr.shift && (o.global() || o.tag == e.tag || e.global()))
-            .find(|o| {
-                let (olo, ohi) = (o.tr.va_base, o.tr.va_base + (1u64 << o.tr.shift));
-                let start = lo.max(olo);
-                start < hi.min(ohi) && o.tr.pa_of(start) != e.tr.pa_of(start)
-            })
-            .copied()
+        let differs = |o: &TlbEntry| {
+            let start = lo.max(o.tr.va_base);
+            start < hi.min(o.tr.va_base + (1u64 << o.tr.shift))
+                && o.tr.pa_of(start) != e.tr.pa_of(start)
+        };
+        for c in &self.classes {
+            if c.shift > e.tr.shift {
+                if let Some(o) = c.lookup(lo, e.tag).filter(|o| differs(o)) {
+                    return Some(*o);
+                }
+            } else if c.shift < e.tr.shift {
+                let hit = c
+                    .keys
+                    .iter()
+                    .zip(&c.entries)
+                    .filter(|(k, o)| {
+                        **k != INVALID_KEY && (o.global() || o.tag == e.tag || e.global())
+                    })
+                    .map(|(_, o)| o)
+                    .find(|o| differs(o));
+                if let Some(o) = hit {
+                    return Some(*o);
+                }
+            }
+        }
+        None
     }
 
     /// Cache a translation.

@@ -1,0 +1,20 @@
+//! vmsim: the command-line program that runs vmsys's simulated machine.
+//!
+//! - [`cli`]: the command line (clap).
+//! - [`run`]: `vmsim run`, the multi-CPU workload under changing mappings, with the page tables
+//!   and access loop in [`workload`].
+//! - [`bench`]: `vmsim bench`, the cost of a simulated access.
+//! - [`report`]: what the commands print.
+//!
+//! The commands are library functions that write to any `io::Write`, so tests call them
+//! directly; `main.rs` only parses arguments and turns outcomes into exit statuses.
+
+pub mod bench;
+pub mod cli;
+pub mod error;
+pub mod report;
+pub mod run;
+pub mod units;
+pub mod workload;
+
+pub use error::CliError;
