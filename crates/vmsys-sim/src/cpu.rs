@@ -156,24 +156,27 @@ impl CpuState {
     ) -> Result<u64, FaultReason> {
         let tag = self.regs.tag;
         if let Some(e) = self.tlb.lookup(va, tag) {
-            let e = *e;
-            if e.tr.permits(kind, self.user)
-                && (kind != AccessKind::Write || e.tr.rights.contains(Rights::DIRTY))
-            {
+            // Work from the reference: copying the entry out costs store-forwarding stalls on
+            // this, the hottest path of the simulator.
+            let rights = e.tr.rights;
+            if rights.contains(need(kind, self.user)) {
+                let pa = e.tr.pa_of(va);
                 ctr.tlb_hits.bump();
                 let period = det.period();
                 if period != 0 {
                     self.sample += 1;
                     if self.sample >= period {
                         self.sample = 0;
+                        let e = *e;
                         self.check_entry(mem, det, &e, va);
                     }
                 }
-                return Ok(e.tr.pa_of(va));
+                return Ok(pa);
             }
             // Too few rights cached, or a write to a clean entry: the hardware goes back to the
             // tables (to set the dirty state, or to fault, which drops the entry).
-            self.tlb.invalidate_va(va, TagSel::Tag(e.tag), tag);
+            let etag = e.tag;
+            self.tlb.invalidate_va(va, TagSel::Tag(etag), tag);
         }
         ctr.tlb_misses.bump();
         self.walk_and_fill(mem, det, ctr, va, kind)
@@ -413,6 +416,20 @@ impl CpuState {
                 }
             }
         }
+    }
+}
+
+/// The rights a TLB hit needs for an access: the permission, and for a write the dirty state
+/// (a write through a clean entry goes back to the tables to set it).
+#[inline]
+fn need(kind: AccessKind, user: bool) -> Rights {
+    match (kind, user) {
+        (AccessKind::Read, false) => Rights::KERN_READ,
+        (AccessKind::Read, true) => Rights::USER_READ,
+        (AccessKind::Write, false) => Rights::KERN_WRITE.union(Rights::DIRTY),
+        (AccessKind::Write, true) => Rights::USER_WRITE.union(Rights::DIRTY),
+        (AccessKind::Execute, false) => Rights::KERN_EXEC,
+        (AccessKind::Execute, true) => Rights::USER_EXEC,
     }
 }
 

@@ -202,6 +202,12 @@ impl Tlb {
 
     /// Cache a translation.
     pub fn insert(&mut self, e: TlbEntry) {
+        // TLB-2: an entry covers exactly one aligned page of its size.
+        debug_assert!(
+            e.tr.va_base & ((1u64 << e.tr.shift) - 1) == 0
+                && e.tr.pa_base & ((1u64 << e.tr.shift) - 1) == 0,
+            "TLB-2: unaligned entry {e:?}"
+        );
         if let Some(c) = self.classes.iter_mut().find(|c| c.shift == e.tr.shift) {
             c.insert(e);
         }
