@@ -358,4 +358,112 @@ mod tests {
             "other ASID"
         );
     }
+
+    /// The TLB against a model of what may be cached: whatever the sequence of fills and
+    /// invalidations, a lookup returns only a translation that was filled for that page and tag
+    /// and not invalidated since (the TLB may forget entries, never invent or keep them).
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Fill {
+                page: u64,
+                size: u8,
+                frame: u64,
+                tag: u16,
+                global: bool,
+            },
+            Page {
+                va: u64,
+                sel: u8,
+                tag: u16,
+            },
+            Tag(u16),
+            NonGlobal,
+            All,
+            Lookup {
+                va: u64,
+                tag: u16,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let va = 0u64..(1 << 32);
+            prop_oneof![
+                4 => (0u64..64, 0u8..3, 0u64..64, 0u16..3, any::<bool>())
+                    .prop_map(|(page, size, frame, tag, global)| Op::Fill { page, size, frame, tag, global }),
+                2 => (va.clone(), 0u8..3, 0u16..3).prop_map(|(va, sel, tag)| Op::Page { va, sel, tag }),
+                1 => (0u16..3).prop_map(Op::Tag),
+                1 => Just(Op::NonGlobal),
+                1 => Just(Op::All),
+                6 => (va, 0u16..3).prop_map(|(va, tag)| Op::Lookup { va, tag }),
+            ]
+        }
+
+        const SHIFTS: [u8; 3] = [12, 21, 30];
+
+        proptest! {
+            #[test]
+            fn lookups_never_return_invalidated_entries(ops in proptest::collection::vec(op(), 1..200)) {
+                let mut t = Tlb::new(&[(12, 4, 2), (21, 2, 2), (30, 1, 2)]);
+                // (shift, va_base, tag or None for global) -> entry: what may legitimately be cached.
+                let mut live: HashMap<(u8, u64, Option<u16>), TlbEntry> = HashMap::new();
+                let current = 1u16;
+                for op in ops {
+                    match op {
+                        Op::Fill { page, size, frame, tag, global } => {
+                            let shift = SHIFTS[size as usize];
+                            // Spread pages over the 4 GiB space at this size.
+                            let va = (page << shift) & ((1 << 32) - 1);
+                            let e = entry(va, frame << shift, shift, tag, global);
+                            // A fill replaces what the TLB held for that page and tag.
+                            live.retain(|k, _| !(k.0 == shift && k.1 == va && (k.2 == Some(tag) || k.2.is_none() || global)));
+                            live.insert((shift, va, if global { None } else { Some(tag) }), e);
+                            t.insert(e);
+                        }
+                        Op::Page { va, sel, tag } => {
+                            let sel = [TagSel::Current, TagSel::Tag(tag), TagSel::Any][sel as usize];
+                            t.invalidate_va(va, sel, current);
+                            live.retain(|k, _| {
+                                let covers = k.1 == va & !((1u64 << k.0) - 1);
+                                let hit = match (k.2, sel) {
+                                    (None, _) | (_, TagSel::Any) => true,
+                                    (Some(g), TagSel::Current) => g == current,
+                                    (Some(g), TagSel::Tag(x)) => g == x,
+                                };
+                                !(covers && hit)
+                            });
+                        }
+                        Op::Tag(g) => {
+                            t.invalidate_tag(g);
+                            live.retain(|k, _| k.2 != Some(g));
+                        }
+                        Op::NonGlobal => {
+                            t.invalidate_non_global();
+                            live.retain(|k, _| k.2.is_none());
+                        }
+                        Op::All => {
+                            t.invalidate_all();
+                            live.clear();
+                        }
+                        Op::Lookup { va, tag } => {
+                            if let Some(e) = t.lookup(va, tag) {
+                                let key = (e.tr.shift, e.tr.va_base, if e.global() { None } else { Some(e.tag) });
+                                prop_assert_eq!(live.get(&key), Some(e), "lookup({:#x}, {}) returned a dead entry", va, tag);
+                                prop_assert!(e.global() || e.tag == tag);
+                                prop_assert_eq!(e.tr.va_base, va & !((1u64 << e.tr.shift) - 1));
+                            }
+                        }
+                    }
+                }
+                let all_live = t.iter().all(|e| {
+                    live.get(&(e.tr.shift, e.tr.va_base, if e.global() { None } else { Some(e.tag) })) == Some(e)
+                });
+                prop_assert!(all_live, "the TLB holds an entry the model says is dead");
+            }
+        }
+    }
 }
