@@ -88,7 +88,7 @@ fn check(f: FormatId, slots: &[Slot], probes: &[(usize, u64)]) -> Result<(), Tes
         activate(&m, roots, 0);
         // Every mapped page, then random probes (mapped or not), each twice (miss, then hit).
         let mut vas: Vec<u64> = model.keys().copied().collect();
-        vas.extend(probes.iter().map(|&(s, off)| base + (s % slots.len()) as u64 * large + (off % large & !7)));
+        vas.extend(probes.iter().map(|&(s, off)| base + (s % slots.len()) as u64 * large + ((off % large) & !7)));
         for round in 0..2 {
             for &va in &vas {
                 let page = va & !0xfff;
