@@ -176,7 +176,7 @@ impl CpuState {
             // Too few rights cached, or a write to a clean entry: the hardware goes back to the
             // tables (to set the dirty state, or to fault, which drops the entry).
             let etag = e.tag;
-            self.tlb.invalidate_va(va, TagSel::Tag(etag), tag);
+            self.tlb.invalidate_va(va, TagSel::Tag(etag), tag, true);
         }
         ctr.tlb_misses.bump();
         self.walk_and_fill(mem, det, ctr, va, kind)
@@ -352,7 +352,11 @@ impl CpuState {
         match inv {
             TlbInval::Page { va, tag, leaf_only } => {
                 let va = va.as_u64();
-                self.tlb.invalidate_va(va, tag, cur);
+                // INVLPG drops global entries for the page; INVPCID by address and PCID (type 0)
+                // does not (SDM: "except global translations"). arm64 TLBI by VA drops global
+                // entries whatever the ASID.
+                let globals = !self.is_x86() || tag == TagSel::Current;
+                self.tlb.invalidate_va(va, tag, cur, globals);
                 if self.is_x86() {
                     // SDM 4.10.4.1: INVLPG (and INVPCID by address) invalidate every
                     // paging-structure-cache entry of the PCID, whatever the address; there is no
@@ -391,6 +395,7 @@ impl CpuState {
         let root = load.root.as_u64();
         match self.regs.mode {
             Mode::Amd64 { .. } => {
+                debug_assert!(load.tag < 4096, "a PCID has 12 bits: {:#x}", load.tag);
                 self.regs.root = root;
                 self.regs.tag = load.tag & 0xfff;
                 if load.flush {

@@ -22,7 +22,8 @@ use crate::walker::{PscEntry, Translation};
 pub enum DetectorMode {
     /// Every TLB hit and every walk-cache use is checked against the tables.
     Every,
-    /// One TLB hit in `n` (per CPU) is checked; walk-cache uses likewise.
+    /// One TLB hit in `n` (per CPU) is checked. Walks (rarer than hits) still check the walk
+    /// cache entry they used and, on PAE, the PDPTE registers, every time.
     Sampled(u32),
     /// No checks on accesses (an explicit audit still checks).
     Off,

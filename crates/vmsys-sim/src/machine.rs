@@ -99,6 +99,7 @@ impl MachineConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConfigError {
     Cpus(u32),
+    PaBits(u8),
     Memory(u64),
     Domains(u8),
 }
@@ -112,6 +113,10 @@ impl std::fmt::Display for ConfigError {
             ConfigError::Memory(b) => write!(
                 f,
                 "{b} bytes of memory: need at least 4 MiB and no more than the format's physical address space"
+            ),
+            ConfigError::PaBits(b) => write!(
+                f,
+                "{b} physical-address bits: the format allows 24 up to its architectural maximum"
             ),
             ConfigError::Domains(d) => write!(f, "{d} NUMA domains: need 1 to 64, each at least 2 MiB"),
         }
@@ -136,10 +141,38 @@ enum Work {
     Audit(Arc<Mutex<Vec<Violation>>>),
 }
 
+/// What a waiting sender watches: how many targets have yet to finish, and whether one of them
+/// panicked doing it (so the sender fails instead of waiting forever).
+struct Ack {
+    remaining: AtomicUsize,
+    poisoned: AtomicBool,
+}
+
 struct Msg {
     work: Work,
-    /// Targets still to finish this message's work; the sender waits for 0.
-    remaining: Option<Arc<AtomicUsize>>,
+    ack: Option<Arc<Ack>>,
+}
+
+impl Drop for Msg {
+    /// A message is acknowledged when it is dropped: after its work is done, or while a panic
+    /// unwinds through the target (then the acknowledgement poisons the sender's wait).
+    fn drop(&mut self) {
+        if let Some(a) = &self.ack {
+            if std::thread::panicking() {
+                a.poisoned.store(true, Ordering::Release);
+            }
+            a.remaining.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Pops this thread's `BOUND` stack back to a recorded depth, also when unwinding.
+struct Unbind(usize);
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        BOUND.with(|b| b.borrow_mut().truncate(self.0));
+    }
 }
 
 struct CpuShared {
@@ -203,6 +236,14 @@ impl Machine {
     pub fn new(cfg: MachineConfig) -> Result<Arc<Machine>, ConfigError> {
         if cfg.cpus == 0 || cfg.cpus as usize > vmsys::platform::MAX_CPUS {
             return Err(ConfigError::Cpus(cfg.cpus));
+        }
+        let max_pa_bits = match cfg.format {
+            FormatId::I386 => 32,
+            FormatId::I386Pae | FormatId::Amd64 | FormatId::Amd64La57 => 52,
+            FormatId::Arm64 => 48,
+        };
+        if cfg.pa_bits < 24 || cfg.pa_bits > max_pa_bits {
+            return Err(ConfigError::PaBits(cfg.pa_bits));
         }
         let pa_limit = 1u128 << cfg.pa_bits;
         if cfg.mem_bytes < 4 << 20 || cfg.mem_bytes as u128 > pa_limit {
@@ -293,14 +334,12 @@ impl Machine {
         });
         let bound = Bound::new(me, cpu, shared.state.lock_arc());
         let state = bound.state;
-        BOUND.with(|b| b.borrow_mut().push(bound));
-        struct Unbind;
-        impl Drop for Unbind {
-            fn drop(&mut self) {
-                BOUND.with(|b| b.borrow_mut().pop());
-            }
-        }
-        let _unbind = Unbind;
+        let depth = BOUND.with(|b| {
+            let mut b = b.borrow_mut();
+            b.push(bound);
+            b.len() - 1
+        });
+        let _unbind = Unbind(depth);
         let c = Cpu {
             m: self,
             id: cpu,
@@ -353,16 +392,19 @@ impl Machine {
         let sh = &self.cpus[cpu as usize];
         while sh.pending.swap(false, Ordering::Acquire) {
             let msgs: Vec<Msg> = sh.mailbox.lock().drain(..).collect();
+            // Each message is acknowledged as it is dropped, at the end of its iteration; if a
+            // handler panics, the rest are dropped (and acknowledged, poisoned) by the unwind.
             for m in msgs {
-                match m.work {
+                match &m.work {
                     Work::Ipi(msg) => {
                         let h = self.ipi_handlers.read()[msg.vector as usize].clone();
                         if let Some(h) = h {
-                            h(&msg);
+                            h(msg);
                         }
                         sh.counters.ipis_handled.bump();
                     }
                     Work::Inval(inv) => {
+                        let inv = *inv;
                         self.with_state(|st| st.invalidate(inv));
                         sh.counters.remote_invalidations.bump();
                     }
@@ -370,9 +412,6 @@ impl Machine {
                         let v = self.with_state(|st| st.audit(&self.mem, &self.detector));
                         out.lock().extend(v);
                     }
-                }
-                if let Some(r) = m.remaining {
-                    r.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
@@ -385,30 +424,83 @@ impl Machine {
             return;
         }
         if let Some(guard) = sh.state.try_lock_arc() {
-            BOUND.with(|b| b.borrow_mut().push(Bound::new(self.id(), cpu, guard)));
+            let depth = BOUND.with(|b| {
+                let mut b = b.borrow_mut();
+                b.push(Bound::new(self.id(), cpu, guard));
+                b.len() - 1
+            });
+            let _unbind = Unbind(depth);
             self.service_current(cpu);
-            BOUND.with(|b| b.borrow_mut().pop());
         }
     }
 
-    fn post(&self, cpu: CpuId, work: Work, remaining: Option<Arc<AtomicUsize>>) {
+    /// Take the interrupts of every CPU of this machine that this thread holds, the buried ones
+    /// too (a thread serving an idle CPU still holds its own): each is brought to the top of the
+    /// stack for the while, so that its handlers run on it.
+    fn service_held(&self) {
+        let me = self.id();
+        let held: Vec<(usize, CpuId)> = BOUND.with(|b| {
+            b.borrow()
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.machine == me)
+                .map(|(i, x)| (i, x.cpu))
+                .collect()
+        });
+        let top = BOUND.with(|b| b.borrow().len()) - 1;
+        for (i, cpu) in held {
+            if !self.cpus[cpu as usize].pending.load(Ordering::Acquire) {
+                continue;
+            }
+            if i == top {
+                self.service_current(cpu);
+                continue;
+            }
+            struct Restore(usize);
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    BOUND.with(|b| {
+                        let mut b = b.borrow_mut();
+                        let x = b.pop().expect("restore a buried cpu");
+                        b.insert(self.0, x);
+                    });
+                }
+            }
+            BOUND.with(|b| {
+                let mut b = b.borrow_mut();
+                let x = b.remove(i);
+                b.push(x);
+            });
+            let _restore = Restore(i);
+            self.service_current(cpu);
+        }
+    }
+
+    fn post(&self, cpu: CpuId, work: Work, ack: Option<Arc<Ack>>) {
         let sh = &self.cpus[cpu as usize];
-        sh.mailbox.lock().push_back(Msg { work, remaining });
+        sh.mailbox.lock().push_back(Msg { work, ack });
         sh.pending.store(true, Ordering::Release);
     }
 
     /// Post `make()` to every target and wait until all have done it, taking the caller's own
     /// interrupts and serving idle targets meanwhile.
     fn deliver_and_wait(&self, targets: &CpuSet, make: impl Fn() -> Work) {
-        let remaining = Arc::new(AtomicUsize::new(targets.len() as usize));
+        let ack = Arc::new(Ack {
+            remaining: AtomicUsize::new(targets.len() as usize),
+            poisoned: AtomicBool::new(false),
+        });
         for t in targets.iter() {
-            self.post(t, make(), Some(remaining.clone()));
+            self.post(t, make(), Some(ack.clone()));
         }
         let me = self.current();
         let mut spins = 0u32;
-        while remaining.load(Ordering::Acquire) != 0 {
-            if let Some(me) = me {
-                self.service_current(me);
+        while ack.remaining.load(Ordering::Acquire) != 0 {
+            assert!(
+                !ack.poisoned.load(Ordering::Acquire),
+                "a target cpu panicked while handling an interrupt"
+            );
+            if me.is_some() {
+                self.service_held();
             }
             for t in targets.iter() {
                 if Some(t) != me {
@@ -422,6 +514,10 @@ impl Machine {
                 std::hint::spin_loop();
             }
         }
+        assert!(
+            !ack.poisoned.load(Ordering::Acquire),
+            "a target cpu panicked while handling an interrupt"
+        );
     }
 
     /// Check every CPU's TLB, walk cache and PAE registers against the tables; the violations
@@ -731,6 +827,7 @@ impl Platform for Machine {
         if self.mode != Mode::Arm64 {
             return Err(PlatformError::Unsupported);
         }
+        self.current().ok_or(PlatformError::NotOnCpu)?;
         self.with_state(|st| st.regs.kernel_root = root.as_u64());
         Ok(())
     }

@@ -114,7 +114,7 @@ impl SizeClass {
         dropped
     }
 
-    fn invalidate_va(&mut self, va: u64, tag: TagSel, current: u16) -> usize {
+    fn invalidate_va(&mut self, va: u64, tag: TagSel, current: u16, globals: bool) -> usize {
         let key = va >> self.shift;
         let base = self.set_of(key) * self.ways;
         let mut dropped = 0;
@@ -123,14 +123,16 @@ impl SizeClass {
                 continue;
             }
             let e = &self.entries[i];
-            // Per the SDM and the Arm ARM, invalidation by address removes global entries for
-            // that address whatever the tag.
-            let hit = e.global()
-                || match tag {
+            // Global entries go whatever the tag when the instruction drops them at all.
+            let hit = if e.global() {
+                globals
+            } else {
+                match tag {
                     TagSel::Current => e.tag == current,
                     TagSel::Tag(t) => e.tag == t,
                     TagSel::Any => true,
-                };
+                }
+            };
             if hit {
                 self.keys[i] = INVALID_KEY;
                 dropped += 1;
@@ -213,11 +215,12 @@ impl Tlb {
         }
     }
 
-    /// Drop the entries for `va` (every size) selected by `tag`; global ones always.
-    pub fn invalidate_va(&mut self, va: u64, tag: TagSel, current: u16) -> usize {
+    /// Drop the entries for `va` (every size) selected by `tag`, and global ones for `va` if
+    /// `globals`.
+    pub fn invalidate_va(&mut self, va: u64, tag: TagSel, current: u16, globals: bool) -> usize {
         self.classes
             .iter_mut()
-            .map(|c| c.invalidate_va(va, tag, current))
+            .map(|c| c.invalidate_va(va, tag, current, globals))
             .sum()
     }
 
@@ -316,13 +319,13 @@ mod tests {
         t.insert(entry(0x4000, 0x9000, 12, 1, false));
         t.insert(entry(0x4000, 0xa000, 12, 2, false));
         t.insert(entry(0x8000, 0xb000, 12, 1, true));
-        assert_eq!(t.invalidate_va(0x4000, TagSel::Current, 1), 1);
+        assert_eq!(t.invalidate_va(0x4000, TagSel::Current, 1, true), 1);
         assert!(t.lookup(0x4000, 2).is_some());
         assert_eq!(t.invalidate_tag(2), 1);
         assert_eq!(t.invalidate_non_global(), 0);
         assert_eq!(t.len(), 1);
         assert_eq!(
-            t.invalidate_va(0x8000, TagSel::Tag(9), 1),
+            t.invalidate_va(0x8000, TagSel::Tag(9), 1, true),
             1,
             "global entries go by address"
         );
@@ -426,7 +429,7 @@ mod tests {
                         }
                         Op::Page { va, sel, tag } => {
                             let sel = [TagSel::Current, TagSel::Tag(tag), TagSel::Any][sel as usize];
-                            t.invalidate_va(va, sel, current);
+                            t.invalidate_va(va, sel, current, true);
                             live.retain(|k, _| {
                                 let covers = k.1 == va & !((1u64 << k.0) - 1);
                                 let hit = match (k.2, sel) {

@@ -103,9 +103,11 @@ pub enum TagSel {
 /// A TLB (and paging-structure cache) invalidation, in the forms that the formats' hardware has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlbInval {
-    /// The entries that translate `va`, global ones included. With `leaf_only` (arm64 TLBI
-    /// VALE1) the paging-structure (walk) caches are left alone; without it they are
-    /// invalidated too, as x86 INVLPG and arm64 TLBI VAE1 do.
+    /// The entries that translate `va`. Global entries go too with x86 INVLPG (`TagSel::Current`)
+    /// and arm64 TLBI by VA, but not with x86 INVPCID by address (`TagSel::Tag`), which spares
+    /// them. With `leaf_only` (arm64 TLBI VALE1) the paging-structure (walk) caches are left
+    /// alone; without it they are invalidated too, as x86 INVLPG and arm64 TLBI VAE1 do (x86
+    /// has no leaf-only form and ignores the flag).
     Page {
         va: VirtAddr,
         tag: TagSel,
@@ -113,7 +115,8 @@ pub enum TlbInval {
     },
     /// Every non-global entry with this tag, and the paging-structure caches for it.
     Tag(u16),
-    /// Every non-global entry of every tag.
+    /// Every non-global entry of every tag (x86 INVPCID type 3). arm64 has no such form: its
+    /// TLBI VMALLE1 is [`TlbInval::All`].
     AllNonGlobal,
     /// Everything, global entries included.
     All,

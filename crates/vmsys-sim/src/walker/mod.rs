@@ -175,9 +175,15 @@ pub fn pae_pdpte_stale(mem: &PhysMem, regs: &MmuRegs) -> Option<(usize, u64, u64
     if regs.mode != Mode::I386Pae {
         return None;
     }
+    // What a register may differ in: presence (only register-present, memory-absent is stale:
+    // fewer rights are allowed), the directory address, and its cache attributes (PWT, PCD).
+    const P: u64 = 1;
+    const ADDR_CACHE: u64 = 0x000f_ffff_ffff_f000 | (1 << 3) | (1 << 4);
     (0..4).find_map(|i| {
         let m = mem.load_u64(regs.root + 8 * i as u64);
-        (m != regs.pdpte[i]).then_some((i, regs.pdpte[i], m))
+        let r = regs.pdpte[i];
+        let stale = r & P != 0 && (m & P == 0 || (m ^ r) & ADDR_CACHE != 0);
+        stale.then_some((i, r, m))
     })
 }
 
