@@ -821,3 +821,73 @@ for_each_format! {
     concurrent_remaps => super::concurrent_remaps_are_coherent;
     detector_modes_ => super::detector_modes;
 }
+
+/// A handler that itself sends a waiting IPI back to the sender, while the target is idle (so
+/// the sender's thread runs the handler on the target's behalf, its own CPU buried under it):
+/// the sender's CPU still takes the IPI, as real hardware spinning with interrupts on would.
+#[test]
+fn handler_that_interrupts_back_does_not_deadlock() {
+    let m = machine(FormatId::Amd64, 2);
+    let weak = Arc::downgrade(&m);
+    let back = Arc::new(AtomicU64::new(0));
+    let b2 = back.clone();
+    m.set_ipi_handler(
+        0x50,
+        Arc::new(move |_| {
+            let m = weak.upgrade().unwrap();
+            let me = m.current_cpu();
+            m.send_ipi(
+                &CpuSet::single(1 - me),
+                IpiMessage {
+                    vector: 0x51,
+                    args: [0; 4],
+                },
+                true,
+            )
+            .unwrap();
+        }),
+    );
+    m.set_ipi_handler(
+        0x51,
+        Arc::new(move |_| {
+            b2.fetch_add(1, Ordering::SeqCst);
+        }),
+    );
+    m.run_on(0, |_| {
+        m.send_ipi(
+            &CpuSet::single(1),
+            IpiMessage {
+                vector: 0x50,
+                args: [0; 4],
+            },
+            true,
+        )
+        .unwrap();
+    });
+    assert_eq!(back.load(Ordering::SeqCst), 1);
+}
+
+/// A handler that panics on the target fails the sender's wait instead of hanging it, and
+/// leaves both CPUs usable.
+#[test]
+fn panicking_handler_fails_the_sender_instead_of_hanging() {
+    let m = machine(FormatId::Amd64, 2);
+    m.set_ipi_handler(0x60, Arc::new(|_| panic!("handler bug")));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.run_on(0, |_| {
+            m.send_ipi(
+                &CpuSet::single(1),
+                IpiMessage {
+                    vector: 0x60,
+                    args: [0; 4],
+                },
+                true,
+            )
+        })
+    }));
+    assert!(r.is_err(), "the sender must fail");
+    assert_eq!(m.current(), None, "the thread's CPU stack was unwound");
+    // Both CPUs can be run again.
+    m.run_on(1, |_| ());
+    m.run_on(0, |_| ());
+}
