@@ -260,20 +260,24 @@ impl CpuState {
     }
 
     fn check_pdptes(&self, mem: &PhysMem, det: &Detector) {
-        if let Some((index, register, memory)) = walker::pae_pdpte_stale(mem, &self.regs) {
-            let lo = (index as u64) << 30;
-            if !det.excused(lo, lo + (1 << 30)) {
-                det.record(Violation {
-                    cpu: self.id,
-                    va: lo,
-                    kind: ViolationKind::StalePdpte {
-                        index,
-                        register,
-                        memory,
-                    },
-                });
-            }
+        if let Some(v) = self.stale_pdpte(mem, det) {
+            det.record(v);
         }
+    }
+
+    /// DET-3: a PAE PDPTE register that memory no longer agrees with, outside an open update.
+    fn stale_pdpte(&self, mem: &PhysMem, det: &Detector) -> Option<Violation> {
+        let (index, register, memory) = walker::pae_pdpte_stale(mem, &self.regs)?;
+        let lo = (index as u64) << 30;
+        (!det.excused(lo, lo + (1 << 30))).then_some(Violation {
+            cpu: self.id,
+            va: lo,
+            kind: ViolationKind::StalePdpte {
+                index,
+                register,
+                memory,
+            },
+        })
     }
 
     /// Check every cache of this CPU that the current context can use against the tables.
@@ -329,20 +333,7 @@ impl CpuState {
                 });
             }
         }
-        if let Some((index, register, memory)) = walker::pae_pdpte_stale(mem, &self.regs) {
-            let lo = (index as u64) << 30;
-            if !det.excused(lo, lo + (1 << 30)) {
-                out.push(Violation {
-                    cpu: self.id,
-                    va: lo,
-                    kind: ViolationKind::StalePdpte {
-                        index,
-                        register,
-                        memory,
-                    },
-                });
-            }
-        }
+        out.extend(self.stale_pdpte(mem, det));
         out
     }
 
