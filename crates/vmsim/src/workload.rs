@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use vmsys::platform::{CpuId, CpuSet, IpiMessage, Platform, RootLoad, TagSel, TlbInval};
 use vmsys::{PhysAddr, VirtAddr};
 use vmsys_arch::{FormatId, Prot, PteFlags, TlbTag};
-use vmsys_sim::testkit::Kit;
+use vmsys_sim::testkit::{install_shootdown_handler, Kit};
 use vmsys_sim::{Cpu, Machine};
 
 use crate::error::CliError;
@@ -361,20 +361,7 @@ impl<'m> Workload<'m> {
     /// Install the shootdown handler (x86) and load the roots on every CPU.
     pub fn install(&self, m: &Arc<Machine>) -> Result<(), CliError> {
         if !self.broadcast {
-            // A weak reference: the machine owns its handlers, so a strong one would leak it.
-            let weak = Arc::downgrade(m);
-            m.set_ipi_handler(
-                SHOOTDOWN_VECTOR,
-                Arc::new(move |msg: &IpiMessage| {
-                    if let Some(m) = weak.upgrade() {
-                        m.tlb_invalidate_local(TlbInval::Page {
-                            va: VirtAddr::new(msg.args[0]),
-                            tag: TagSel::Current,
-                            leaf_only: false,
-                        });
-                    }
-                }),
-            );
+            install_shootdown_handler(m, SHOOTDOWN_VECTOR);
         }
         let load = RootLoad {
             root: PhysAddr::new(self.user_root),

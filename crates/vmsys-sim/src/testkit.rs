@@ -7,12 +7,32 @@
 //! checks `vmsys-arch`'s encodings against the manuals' walker.
 
 use std::fmt;
+use std::sync::Arc;
 
 use vmsys::arch::{CacheMode, Entry, Format, FormatId, Prot, PteFlags};
-use vmsys::platform::Platform;
-use vmsys::PhysAddr;
+use vmsys::platform::{IpiMessage, Platform, TagSel, TlbInval};
+use vmsys::{PhysAddr, VirtAddr};
 
 use crate::machine::Machine;
+
+/// Install, for `vector`, the x86 shootdown handler of the tests and the demo: the CPU that
+/// takes the IPI invalidates the page in `args[0]` locally (INVLPG). The handler holds the
+/// machine weakly: the machine owns its handlers, so a strong reference would leak it.
+pub fn install_shootdown_handler(m: &Arc<Machine>, vector: u8) {
+    let weak = Arc::downgrade(m);
+    m.set_ipi_handler(
+        vector,
+        Arc::new(move |msg: &IpiMessage| {
+            if let Some(m) = weak.upgrade() {
+                m.tlb_invalidate_local(TlbInval::Page {
+                    va: VirtAddr::new(msg.args[0]),
+                    tag: TagSel::Current,
+                    leaf_only: false,
+                });
+            }
+        }),
+    );
+}
 
 /// Why a hand-built mapping could not be made.
 #[derive(Clone, Debug, PartialEq, Eq)]

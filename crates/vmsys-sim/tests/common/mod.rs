@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vmsys::arch::{FormatId, Prot, PteFlags};
 use vmsys::platform::{CpuSet, IpiMessage, Platform, RootLoad, TagSel, TlbInval};
 use vmsys::{PhysAddr, VirtAddr};
-use vmsys_sim::testkit::Kit;
+use vmsys_sim::testkit::{install_shootdown_handler, Kit};
 use vmsys_sim::{DetectorMode, Machine, MachineConfig};
 
 /// Table pages come from here; data frames from `DATA` up.
@@ -43,23 +43,7 @@ pub fn machine(f: FormatId, cpus: u32) -> Arc<Machine> {
 
 pub fn machine_with(cfg: MachineConfig) -> Arc<Machine> {
     let m = Machine::new(cfg).expect("machine");
-    let mc = m.clone();
-    // The shootdown handler: invalidate the page in args[0] on the CPU that takes the IPI.
-    // Holding a strong reference from the handler would keep the machine alive forever, so the
-    // handler holds a weak one.
-    let weak = Arc::downgrade(&mc);
-    m.set_ipi_handler(
-        SHOOTDOWN_VECTOR,
-        Arc::new(move |msg: &IpiMessage| {
-            if let Some(m) = weak.upgrade() {
-                m.tlb_invalidate_local(TlbInval::Page {
-                    va: VirtAddr::new(msg.args[0]),
-                    tag: TagSel::Current,
-                    leaf_only: false,
-                });
-            }
-        }),
-    );
+    install_shootdown_handler(&m, SHOOTDOWN_VECTOR);
     m
 }
 
