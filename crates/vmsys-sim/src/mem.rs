@@ -8,18 +8,96 @@
 //! kernel writes them, and the walkers set accessed/dirty bits with compare-and-exchange.
 //! 4-byte words (i386 2-level entries) are accessed through their containing 8-byte word, so a
 //! 4-byte compare-and-exchange is atomic with respect to everything else.
+//!
+//! Each chunk is 4 KiB-aligned in host memory, so every simulated 4 KiB page is a host-aligned
+//! 4 KiB block ([`PhysMem::host_page_ptr`]), as page-table code written for real memory expects.
 
+use std::alloc::Layout;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 const CHUNK_SHIFT: u32 = 21;
 const CHUNK_BYTES: u64 = 1 << CHUNK_SHIFT;
 const CHUNK_WORDS: usize = (CHUNK_BYTES / 8) as usize;
+/// The host alignment of a chunk.
+const CHUNK_ALIGN: usize = 4096;
+
+/// One zero-initialised, 4 KiB-aligned 2 MiB chunk of memory, owned.
+///
+/// It is allocated as `CHUNK_BYTES + CHUNK_ALIGN` bytes at the allocator's natural alignment
+/// and used from the first 4 KiB boundary in it, rather than requested with 4 KiB alignment:
+/// the system allocator serves a zeroed request of small alignment with `calloc`, which for a
+/// block this size takes fresh zero pages from the OS and commits them only when touched, but
+/// serves a zeroed over-aligned request with an aligned allocation followed by a `memset` of
+/// the whole block, which would commit all 2 MiB on the first write to the chunk.
+struct Chunk {
+    /// The allocation, as returned by the allocator (what `Drop` gives back).
+    alloc: NonNull<u8>,
+    /// The first word of the chunk: `alloc` rounded up to `CHUNK_ALIGN`.
+    words: NonNull<AtomicU64>,
+}
+
+// SAFETY: a `Chunk` owns its allocation exclusively (no other handle to it exists), and what it
+// holds is `AtomicU64`s, which may be shared and sent between threads; the raw pointers are
+// only what makes the auto traits unavailable.
+unsafe impl Send for Chunk {}
+// SAFETY: as above; through `&Chunk` the memory is reached only as `&[AtomicU64]` (and as a raw
+// pointer whose users take the responsibility, see `PhysMem::host_page_ptr`).
+unsafe impl Sync for Chunk {}
+
+impl Chunk {
+    const LAYOUT: Layout = match Layout::from_size_align(
+        CHUNK_BYTES as usize + CHUNK_ALIGN,
+        std::mem::align_of::<AtomicU64>(),
+    ) {
+        Ok(l) => l,
+        Err(_) => panic!("chunk layout"),
+    };
+
+    fn new_zeroed() -> Self {
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
+        let Some(alloc) = NonNull::new(p) else {
+            std::alloc::handle_alloc_error(Self::LAYOUT)
+        };
+        let pad = alloc.as_ptr().align_offset(CHUNK_ALIGN);
+        debug_assert!(pad < CHUNK_ALIGN && pad.is_multiple_of(8));
+        // SAFETY: `pad < CHUNK_ALIGN`, so `alloc + pad` and the `CHUNK_BYTES` after it lie in
+        // the allocation of `CHUNK_BYTES + CHUNK_ALIGN` bytes; the allocation is 8-byte aligned
+        // and `pad` a multiple of 8 (both are powers of two no smaller than 8 apart from the
+        // offset), so the pointer is aligned for `AtomicU64`, and not null.
+        let words = unsafe { NonNull::new_unchecked(alloc.as_ptr().add(pad).cast::<AtomicU64>()) };
+        Chunk { alloc, words }
+    }
+
+    /// The chunk's first byte, 4 KiB-aligned.
+    #[inline]
+    fn base(&self) -> *mut u8 {
+        self.words.as_ptr().cast()
+    }
+
+    #[inline]
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `words` points to `CHUNK_WORDS` aligned words inside the live allocation,
+        // zero-initialised (all-zero bits are a valid `AtomicU64`, which has the layout of a
+        // `u64`); they live as long as `self`, and shared references to atomics may coexist.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), CHUNK_WORDS) }
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        // SAFETY: `alloc` came from `alloc_zeroed` with `LAYOUT` and is freed only here, once;
+        // no reference into the chunk outlives it (they borrow `self`).
+        unsafe { std::alloc::dealloc(self.alloc.as_ptr(), Self::LAYOUT) }
+    }
+}
 
 /// The physical memory of a simulated machine.
 pub struct PhysMem {
     size: u64,
-    chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    chunks: Box<[OnceLock<Chunk>]>,
 }
 
 impl std::fmt::Debug for PhysMem {
@@ -63,11 +141,17 @@ impl PhysMem {
         self.chunks
             .get((pa >> CHUNK_SHIFT) as usize)?
             .get()
-            .map(|b| &b[..])
+            .map(Chunk::words)
     }
 
     #[inline]
     fn chunk_mut(&self, pa: u64) -> &[AtomicU64] {
+        self.chunk_slot(pa).words()
+    }
+
+    /// The chunk holding `pa`, allocated if needed; a machine check beyond memory.
+    #[inline]
+    fn chunk_slot(&self, pa: u64) -> &Chunk {
         let slot = self
             .chunks
             .get((pa >> CHUNK_SHIFT) as usize)
@@ -77,11 +161,7 @@ impl PhysMem {
                     self.size
                 )
             });
-        slot.get_or_init(|| {
-            // SAFETY: an all-zero bit pattern is a valid AtomicU64 (it has the same layout as
-            // u64). The allocation is zeroed by the host allocator (calloc, lazily by mmap).
-            unsafe { Box::<[AtomicU64]>::new_zeroed_slice(CHUNK_WORDS).assume_init() }
-        })
+        slot.get_or_init(Chunk::new_zeroed)
     }
 
     #[inline]
@@ -122,6 +202,106 @@ impl PhysMem {
             Ordering::AcqRel,
             Ordering::Acquire,
         )
+    }
+
+    /// The index range of the run of `n` words at `pa` in its chunk; panics unless the run is
+    /// inside one chunk.
+    #[inline]
+    #[track_caller]
+    fn run_range(pa: u64, n: usize) -> std::ops::Range<usize> {
+        debug_assert!(pa.is_multiple_of(8), "unaligned 8-byte run at {pa:#x}");
+        let i = Self::word_index(pa);
+        assert!(
+            n <= CHUNK_WORDS - i,
+            "run of {n} words at PA {pa:#x} crosses a 2 MiB chunk"
+        );
+        i..i + n
+    }
+
+    /// Atomic loads (each Acquire) of `out.len()` consecutive aligned 8-byte words from `pa`,
+    /// which must not cross a 2 MiB boundary. The chunk is looked up once. Memory never
+    /// written reads as zero, as with [`PhysMem::load_u64`].
+    #[inline]
+    pub fn load_run(&self, pa: u64, out: &mut [u64]) {
+        let r = Self::run_range(pa, out.len());
+        match self.chunk(pa) {
+            Some(c) => {
+                for (o, w) in out.iter_mut().zip(&c[r]) {
+                    *o = w.load(Ordering::Acquire);
+                }
+            }
+            None => out.fill(0),
+        }
+    }
+
+    /// Atomic stores (each Release) of `vals` to consecutive aligned 8-byte words from `pa`, in
+    /// increasing address order; the run must not cross a 2 MiB boundary. The chunk is looked
+    /// up (and allocated) once; an empty run touches nothing.
+    #[inline]
+    pub fn store_run(&self, pa: u64, vals: &[u64]) {
+        if vals.is_empty() {
+            return;
+        }
+        let r = Self::run_range(pa, vals.len());
+        for (w, &v) in self.chunk_mut(pa)[r].iter().zip(vals) {
+            w.store(v, Ordering::Release);
+        }
+    }
+
+    /// Atomic exchanges (each AcqRel) of consecutive aligned 8-byte words from `pa`, in
+    /// increasing address order: each `vals[i]` is stored and replaced by the old value. The
+    /// run must not cross a 2 MiB boundary.
+    #[inline]
+    pub fn swap_run(&self, pa: u64, vals: &mut [u64]) {
+        self.swap_run_with(pa, vals, |_, _, _| {});
+    }
+
+    /// [`PhysMem::swap_run`] that also calls `f(word_pa, old, new)` after each exchange, before
+    /// the next one.
+    #[inline]
+    pub fn swap_run_with(&self, pa: u64, vals: &mut [u64], mut f: impl FnMut(u64, u64, u64)) {
+        if vals.is_empty() {
+            return;
+        }
+        let r = Self::run_range(pa, vals.len());
+        let mut a = pa;
+        for (w, v) in self.chunk_mut(pa)[r].iter().zip(vals) {
+            let new = *v;
+            *v = w.swap(new, Ordering::AcqRel);
+            f(a, *v, new);
+            a += 8;
+        }
+    }
+
+    /// Atomic exchanges of `vals` into consecutive aligned 8-byte words from `pa`, in
+    /// increasing address order, calling `f(word_pa, old, new)` after each one; the old values
+    /// are not kept. The run must not cross a 2 MiB boundary. For a store that must see what
+    /// it overwrites (the break-before-make check); a plain store is [`PhysMem::store_run`].
+    #[inline]
+    pub fn store_run_with(&self, pa: u64, vals: &[u64], mut f: impl FnMut(u64, u64, u64)) {
+        if vals.is_empty() {
+            return;
+        }
+        let r = Self::run_range(pa, vals.len());
+        let mut a = pa;
+        for (w, &new) in self.chunk_mut(pa)[r].iter().zip(vals) {
+            f(a, w.swap(new, Ordering::AcqRel), new);
+            a += 8;
+        }
+    }
+
+    /// Host address of the 4 KiB page holding `pa` (the chunk is allocated if needed).
+    /// The memory is `AtomicU64` words shared with every simulated CPU; writing through the
+    /// pointer non-atomically races with MMU walkers and is only for single-threaded benchmarks.
+    ///
+    /// The pointer is 4096-aligned and valid for reads and writes of 4096 bytes for as long as
+    /// this `PhysMem` lives. Panics (a machine check) when `pa` is beyond memory.
+    pub fn host_page_ptr(&self, pa: u64) -> *mut u8 {
+        let chunk = self.chunk_slot(pa);
+        let off = (pa & (CHUNK_BYTES - 1) & !0xfff) as usize;
+        // SAFETY: `off` is below `CHUNK_BYTES` (a page offset inside the chunk), so the result
+        // stays inside the chunk's allocation.
+        unsafe { chunk.base().add(off) }
     }
 
     #[inline]
@@ -291,5 +471,82 @@ mod tests {
     #[should_panic(expected = "machine check")]
     fn write_beyond_memory_is_a_machine_check() {
         PhysMem::new(2 << 20).store_u64(4 << 20, 1);
+    }
+
+    #[test]
+    fn runs_store_load_swap() {
+        let m = PhysMem::new(4 << 20);
+        let vals: Vec<u64> = (0..512u64).map(|i| i * 0x1001 + 1).collect();
+        // A load from a chunk never written reads zeroes and allocates nothing.
+        let mut out = vec![u64::MAX; 512];
+        m.load_run(0x20_0000, &mut out);
+        assert!(out.iter().all(|w| *w == 0));
+        assert_eq!(m.chunks_touched(), 0);
+        // An empty store allocates nothing either.
+        m.store_run(0x20_0000, &[]);
+        assert_eq!(m.chunks_touched(), 0);
+
+        m.store_run(0x20_1000, &vals);
+        m.load_run(0x20_1000, &mut out);
+        assert_eq!(out, vals);
+        for (i, v) in vals.iter().enumerate() {
+            assert_eq!(m.load_u64(0x20_1000 + 8 * i as u64), *v);
+        }
+        // The words around the run are untouched.
+        assert_eq!(m.load_u64(0x20_0ff8), 0);
+        assert_eq!(m.load_u64(0x20_2000), 0);
+
+        let mut new: Vec<u64> = vec![7, 8, 9];
+        m.swap_run(0x20_1008, &mut new);
+        assert_eq!(new, vals[1..4]);
+        let mut seen = Vec::new();
+        let mut back = vec![10, 11];
+        m.swap_run_with(0x20_1010, &mut back, |a, old, v| seen.push((a, old, v)));
+        assert_eq!(back, [8, 9]);
+        assert_eq!(seen, [(0x20_1010, 8, 10), (0x20_1018, 9, 11)]);
+        seen.clear();
+        m.store_run_with(0x20_1008, &[1, 2], |a, old, v| seen.push((a, old, v)));
+        assert_eq!(seen, [(0x20_1008, 7, 1), (0x20_1010, 10, 2)]);
+        let mut four = [0u64; 4];
+        m.load_run(0x20_1000, &mut four);
+        assert_eq!(four, [vals[0], 1, 2, 11]);
+    }
+
+    #[test]
+    #[should_panic(expected = "crosses a 2 MiB chunk")]
+    fn run_across_a_chunk_is_rejected() {
+        PhysMem::new(4 << 20).store_run(0x1f_fff8, &[1, 2]);
+    }
+
+    #[test]
+    fn host_page_ptr_is_aligned_and_shows_the_words() {
+        let m = PhysMem::new(8 << 20);
+        for pa in [0u64, 0x1234, 0x1f_f000, 0x20_0008, 0x7f_fff8] {
+            let p = m.host_page_ptr(pa);
+            assert_eq!(p as usize % 4096, 0, "pa {pa:#x}");
+            m.store_u64(pa & !7, 0x1122_3344_5566_7788 ^ pa);
+            let off = (pa & 0xff8) as usize;
+            // SAFETY: the pointer is valid for the 4 KiB page and `off + 8` is inside it; no
+            // other thread touches this memory.
+            let seen = unsafe { p.add(off).cast::<u64>().read() };
+            assert_eq!(seen, 0x1122_3344_5566_7788 ^ pa);
+        }
+        // Pages of one chunk are consecutive in host memory.
+        assert_eq!(
+            m.host_page_ptr(0x20_3000) as usize - m.host_page_ptr(0x20_0000) as usize,
+            0x3000
+        );
+        // A write through the pointer is seen by the atomic accessors.
+        let p = m.host_page_ptr(0x40_0000);
+        // SAFETY: as above.
+        unsafe { p.add(0x10).cast::<u64>().write(42) };
+        assert_eq!(m.load_u64(0x40_0010), 42);
+        assert_eq!(m.chunks_touched(), 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "machine check")]
+    fn host_page_ptr_beyond_memory_is_a_machine_check() {
+        PhysMem::new(2 << 20).host_page_ptr(2 << 20);
     }
 }

@@ -9,8 +9,13 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod frames;
+pub mod page;
 pub mod platform;
+pub mod pmap;
 
 pub use addr::{AddrError, PageSize, PhysAddr, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
+pub use frames::{FrameList, FrameSource};
 pub use platform::Platform;
+pub use pmap::{EnterFlags, Pmap, PmapConfig, PmapError, PmapSystem};
 pub use vmsys_arch as arch;

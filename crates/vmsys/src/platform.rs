@@ -9,7 +9,7 @@
 use alloc::sync::Arc;
 use core::fmt;
 
-use crate::addr::{PhysAddr, VirtAddr};
+use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
 use vmsys_arch::FormatId;
 
 /// A CPU number, dense from 0.
@@ -261,6 +261,39 @@ pub trait Platform: Send + Sync {
     fn pt_swap64(&self, pa: PhysAddr, val: u64) -> u64;
     /// Atomic 8-byte compare-and-exchange; `Err` carries the value found.
     fn pt_cas64(&self, pa: PhysAddr, old: u64, new: u64) -> Result<u64, u64>;
+    /// Loads consecutive 8-byte page-table words from `pa` into `out` (all within one 4 KiB page).
+    ///
+    /// Each word is loaded as by [`Platform::pt_load64`]; the run as a whole is not atomic. A
+    /// run that crosses a 4 KiB page is a caller bug (checked in debug builds). The default
+    /// loops over `pt_load64`; a platform overrides it to look the page up once.
+    fn pt_load_run64(&self, pa: PhysAddr, out: &mut [u64]) {
+        debug_assert_run_in_page(pa, out.len());
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self.pt_load64(pa + 8 * i as u64);
+        }
+    }
+    /// Stores `vals` to consecutive 8-byte page-table words from `pa` (all within one 4 KiB page).
+    ///
+    /// Each word is stored as by [`Platform::pt_store64`], in increasing address order; the run
+    /// as a whole is not atomic. A run that crosses a 4 KiB page is a caller bug (checked in
+    /// debug builds). The default loops over `pt_store64`.
+    fn pt_store_run64(&self, pa: PhysAddr, vals: &[u64]) {
+        debug_assert_run_in_page(pa, vals.len());
+        for (i, &v) in vals.iter().enumerate() {
+            self.pt_store64(pa + 8 * i as u64, v);
+        }
+    }
+    /// Exchanges consecutive words: each `vals[i]` is stored and replaced by the old value.
+    ///
+    /// Each word is exchanged atomically as by [`Platform::pt_swap64`], in increasing address
+    /// order; the run as a whole is not atomic. Same page rule as
+    /// [`Platform::pt_store_run64`]. The default loops over `pt_swap64`.
+    fn pt_swap_run64(&self, pa: PhysAddr, vals: &mut [u64]) {
+        debug_assert_run_in_page(pa, vals.len());
+        for (i, v) in vals.iter_mut().enumerate() {
+            *v = self.pt_swap64(pa + 8 * i as u64, *v);
+        }
+    }
     /// Atomic 4-byte load (i386 2-level entries).
     fn pt_load32(&self, pa: PhysAddr) -> u32;
     /// Atomic 4-byte store.
@@ -309,6 +342,17 @@ pub trait Platform: Send + Sync {
     fn pt_update_end(&self) {}
 }
 
+/// Debug check of the precondition of the `pt_*_run64` methods: `words` 8-byte words from `pa`
+/// are 8-byte aligned and lie within one 4 KiB page.
+#[inline]
+#[track_caller]
+pub fn debug_assert_run_in_page(pa: PhysAddr, words: usize) {
+    debug_assert!(
+        pa.is_aligned(8) && words <= 512 && pa.offset_in(PAGE_SIZE) + 8 * words as u64 <= PAGE_SIZE,
+        "page-table run of {words} words at {pa} is unaligned or crosses a 4 KiB page"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +373,122 @@ mod tests {
         assert_eq!(s.iter().collect::<Vec<_>>(), [0, 64, 255]);
         assert_eq!(CpuSet::first_n(3).iter().collect::<Vec<_>>(), [0, 1, 2]);
         assert!(!s.contains(1000));
+    }
+
+    /// A platform with one page of words and nothing else, to exercise the default methods.
+    struct OnePage {
+        words: [core::sync::atomic::AtomicU64; 512],
+        stores: core::sync::atomic::AtomicU32,
+    }
+
+    impl OnePage {
+        fn word(&self, pa: PhysAddr) -> &core::sync::atomic::AtomicU64 {
+            &self.words[(pa.as_u64() / 8) as usize]
+        }
+    }
+
+    impl Platform for OnePage {
+        fn format(&self) -> FormatId {
+            FormatId::Amd64
+        }
+        fn cpu_count(&self) -> u32 {
+            1
+        }
+        fn current_cpu(&self) -> CpuId {
+            0
+        }
+        fn phys_segments(&self) -> &[PhysSegment] {
+            &[]
+        }
+        fn direct_map_limit(&self) -> PhysAddr {
+            PhysAddr::new(PAGE_SIZE)
+        }
+        fn pt_load64(&self, pa: PhysAddr) -> u64 {
+            self.word(pa).load(core::sync::atomic::Ordering::Acquire)
+        }
+        fn pt_store64(&self, pa: PhysAddr, val: u64) {
+            self.stores
+                .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            self.word(pa)
+                .store(val, core::sync::atomic::Ordering::Release)
+        }
+        fn pt_swap64(&self, pa: PhysAddr, val: u64) -> u64 {
+            self.word(pa)
+                .swap(val, core::sync::atomic::Ordering::AcqRel)
+        }
+        fn pt_cas64(&self, _: PhysAddr, _: u64, _: u64) -> Result<u64, u64> {
+            unimplemented!()
+        }
+        fn pt_load32(&self, _: PhysAddr) -> u32 {
+            unimplemented!()
+        }
+        fn pt_store32(&self, _: PhysAddr, _: u32) {
+            unimplemented!()
+        }
+        fn pt_swap32(&self, _: PhysAddr, _: u32) -> u32 {
+            unimplemented!()
+        }
+        fn pt_cas32(&self, _: PhysAddr, _: u32, _: u32) -> Result<u32, u32> {
+            unimplemented!()
+        }
+        fn phys_zero(&self, _: PhysAddr, _: u64) {
+            unimplemented!()
+        }
+        fn phys_copy(&self, _: PhysAddr, _: PhysAddr, _: u64) {
+            unimplemented!()
+        }
+        fn phys_read(&self, _: PhysAddr, _: &mut [u8]) {
+            unimplemented!()
+        }
+        fn phys_write(&self, _: PhysAddr, _: &[u8]) {
+            unimplemented!()
+        }
+        fn load_root(&self, _: RootLoad) {
+            unimplemented!()
+        }
+        fn load_kernel_root(&self, _: PhysAddr) -> Result<(), PlatformError> {
+            Err(PlatformError::Unsupported)
+        }
+        fn tlb_invalidate_local(&self, _: TlbInval) {}
+        fn tlb_invalidate_broadcast(&self, _: TlbInval) -> Result<(), PlatformError> {
+            Err(PlatformError::Unsupported)
+        }
+        fn set_ipi_handler(&self, _: u8, _: IpiHandler) {}
+        fn send_ipi(&self, _: &CpuSet, _: IpiMessage, _: bool) -> Result<(), PlatformError> {
+            Err(PlatformError::Unsupported)
+        }
+        fn interrupt_point(&self) {}
+        fn set_fault_handler(&self, _: FaultHandler) {}
+    }
+
+    fn one_page() -> OnePage {
+        OnePage {
+            words: core::array::from_fn(|_| core::sync::atomic::AtomicU64::new(0)),
+            stores: core::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    #[test]
+    fn default_run_methods_loop_over_words() {
+        let p = one_page();
+        let vals: Vec<u64> = (0..512).map(|i| i * 3 + 1).collect();
+        p.pt_store_run64(PhysAddr::new(0), &vals);
+        assert_eq!(p.stores.load(core::sync::atomic::Ordering::Relaxed), 512);
+        assert_eq!(p.pt_load64(PhysAddr::new(8 * 100)), vals[100]);
+        let mut out = [0u64; 4];
+        p.pt_load_run64(PhysAddr::new(0xfe0), &mut out);
+        assert_eq!(out, vals[508..]);
+        let mut v = [7, 8];
+        p.pt_swap_run64(PhysAddr::new(8), &mut v);
+        assert_eq!(v, vals[1..3]);
+        p.pt_load_run64(PhysAddr::new(0), &mut out);
+        assert_eq!(out, [vals[0], 7, 8, vals[3]]);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "crosses a 4 KiB page")]
+    fn default_run_across_a_page_is_rejected() {
+        one_page().pt_store_run64(PhysAddr::new(0xff8), &[1, 2]);
     }
 }

@@ -1,0 +1,66 @@
+//! Errors of the pmap layer.
+
+use core::fmt;
+
+use crate::addr::{AddrError, VirtAddr};
+
+/// Why a pmap operation did not do what was asked. The distinctions are those the callers act
+/// on (FreeBSD's `KERN_*` results of `pmap_enter`, plus input errors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PmapError {
+    /// A misaligned or out-of-range address, or a range that wraps.
+    Addr(AddrError),
+    /// The address lies in the other half (a user address in the kernel pmap, or the reverse).
+    WrongHalf(VirtAddr),
+    /// No such page-size index in this format.
+    BadPageSize(usize),
+    /// The format cannot express the requested protection or attributes.
+    Unsupported,
+    /// A page-table page or PV entry could not be allocated (FreeBSD `KERN_RESOURCE_SHORTAGE`).
+    ResourceShortage,
+    /// No-replace, and a mapping already exists in the range (`KERN_FAILURE`).
+    ExistingMapping(VirtAddr),
+    /// No-replace, and a superpage already maps the address (`KERN_NO_SPACE`).
+    ExistingSuperpage(VirtAddr),
+    /// A kernel address without a page-table page: `growkernel` has not covered it.
+    NoPageTable(VirtAddr),
+    /// `unwire` of a mapping that is not wired (or not mapped).
+    NotWired(VirtAddr),
+    /// A managed mapping of a frame that the machine does not have.
+    NotManageable,
+    /// The pmap still has mappings or is active on a CPU.
+    Busy,
+    /// The kernel address space cannot grow that far.
+    KvaExhausted,
+}
+
+impl From<AddrError> for PmapError {
+    fn from(e: AddrError) -> Self {
+        PmapError::Addr(e)
+    }
+}
+
+impl fmt::Display for PmapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PmapError::Addr(e) => write!(f, "{e}"),
+            PmapError::WrongHalf(va) => {
+                write!(f, "{va} is not in this pmap's half of the address space")
+            }
+            PmapError::BadPageSize(i) => write!(f, "no page size with index {i} in this format"),
+            PmapError::Unsupported => write!(f, "the format cannot express this mapping"),
+            PmapError::ResourceShortage => {
+                write!(f, "out of memory for a page-table page or PV entry")
+            }
+            PmapError::ExistingMapping(va) => write!(f, "a mapping already exists at {va}"),
+            PmapError::ExistingSuperpage(va) => write!(f, "a superpage already maps {va}"),
+            PmapError::NoPageTable(va) => {
+                write!(f, "no kernel page-table page for {va} (growkernel first)")
+            }
+            PmapError::NotWired(va) => write!(f, "the mapping at {va} is not wired"),
+            PmapError::NotManageable => write!(f, "managed mapping of a frame without a page"),
+            PmapError::Busy => write!(f, "the pmap still has mappings or is active"),
+            PmapError::KvaExhausted => write!(f, "kernel address space exhausted"),
+        }
+    }
+}

@@ -1,0 +1,649 @@
+//! The kernel pmap: bootstrap, user pmap creation, `growkernel`, kernel page-table
+//! synchronisation, `kenter`/`kremove`, `qenter`/`qremove`.
+//!
+//! Kernel page-table synchronisation (seed 004) is chosen from the format's shape:
+//! - separate roots (arm64): every address space shares the kernel's TTBR1 table: nothing to
+//!   synchronise;
+//! - a root whose kernel entries point to tables of tables (amd64, LA57, PAE): the kernel's
+//!   root entries over its address ranges are allocated at bootstrap and copied into each new
+//!   pmap; below them the tables are shared, so `growkernel` never touches a root again;
+//! - a root whose entries point straight at last-level tables (i386 2-level): preallocating
+//!   every kernel table would cost 1 MiB per GiB of kernel space (Linux's arithmetic), so
+//!   `growkernel` propagates each new root entry to every pmap, under the pmap-list lock that
+//!   creation also takes.
+//!
+//! Invariant KPT-1: every pmap translates every kernel address exactly as the kernel pmap does.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use vmsys_arch::{CacheMode, Halves, Prot, PteFlags};
+
+use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
+use crate::frames::FrameSource;
+use crate::page::PageArray;
+use crate::platform::Platform;
+
+use super::remove::Found;
+use super::superpage::OnFail;
+use super::tlb::{self, CpuLocal, CpuMask, Flush, TagAlloc};
+use super::{table, Pmap, PmapConfig, PmapError, PmapState, PmapSystem};
+
+/// How kernel page tables are kept identical across address spaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KptSync {
+    /// One kernel root shared by all (arm64 TTBR1).
+    SharedRoot,
+    /// Kernel root entries preallocated at bootstrap and copied into each new pmap.
+    PreallocTop,
+    /// New kernel root entries copied into every pmap when `growkernel` makes them.
+    Propagate,
+}
+
+/// What a synchronisation strategy costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KptSyncCost {
+    pub strategy: KptSync,
+    /// Kernel tables allocated at bootstrap so that roots never change afterwards.
+    pub preallocated_tables: u64,
+    /// Root entries copied into each new pmap.
+    pub entries_copied_per_pmap: u64,
+    /// Extra tables each user pmap owns because of the format (PAE user page directories).
+    pub fixed_tables_per_pmap: u64,
+    /// Stores made by `growkernel` into other pmaps so far (propagation).
+    pub propagated_stores: u64,
+    /// Kernel page-table pages allocated so far (all strategies).
+    pub kernel_ptps: u64,
+}
+
+/// Where things are in the kernel half.
+#[derive(Debug)]
+pub(crate) struct KernelLayout {
+    pub sync: KptSync,
+    pub kva_start: u64,
+    /// First quick-map slot (2 per CPU).
+    pub quick_base: u64,
+    /// Direct map: base VA and size.
+    pub dmap: Option<(u64, u64)>,
+    /// Root indices preallocated (PreallocTop).
+    pub prealloc: Vec<usize>,
+    /// Number of upper levels each user pmap allocates with its root (PAE: 1).
+    pub fixed_depth: usize,
+    pub propagated: AtomicU64,
+    pub kernel_ptps: AtomicU64,
+}
+
+/// Default kernel ranges per format shape.
+fn default_ranges(g: &super::Geometry, split: vmsys_arch::Split32) -> ((u64, u64), Option<u64>) {
+    match g.fmt.halves {
+        Halves::UpperHalf { va_bits } => {
+            // The last 2 TiB for kernel VA (FreeBSD's KVA lives at the top); the direct map at
+            // the start of the kernel half.
+            let kbase = u64::MAX << (va_bits - 1);
+            (
+                (0xffff_fe00_0000_0000, u64::MAX - PAGE_SIZE + 1),
+                Some(kbase),
+            )
+        }
+        Halves::TtbrPair { va_bits } => {
+            let kbase = u64::MAX << va_bits;
+            // 512 GiB of KVA at the bottom of TTBR1's half; the direct map halfway up.
+            (
+                (kbase, kbase + (1 << 39)),
+                Some(kbase + (1u64 << (va_bits - 1))),
+            )
+        }
+        Halves::Split32 => ((split.kernel_base(), 0xffff_f000), None),
+    }
+}
+
+impl<P: Platform + 'static> PmapSystem<P> {
+    /// Build the kernel pmap and the machine-dependent state (FreeBSD `pmap_bootstrap` +
+    /// `pmap_init`): the kernel root, the preallocated kernel root entries, the direct map, the
+    /// quick-map slots, and the shootdown handler. Call [`PmapSystem::init_cpu`] on each CPU
+    /// afterwards.
+    pub fn bootstrap(
+        plat: Arc<P>,
+        frames: Arc<dyn FrameSource>,
+        cfg: PmapConfig,
+    ) -> Result<Arc<Self>, PmapError> {
+        let geom = super::Geometry::new(plat.format());
+        let pages = PageArray::new(plat.phys_segments());
+        let ncpu = plat.cpu_count();
+        let ((kva_start, kva_end), dmap_base) = match cfg.kva {
+            Some(r) => (r, default_ranges(&geom, cfg.split).1),
+            None => default_ranges(&geom, cfg.split),
+        };
+        let layout = geom.fmt.layout(cfg.split);
+        if kva_start >= kva_end
+            || !layout.kernel.contains(&kva_start)
+            || !layout.kernel.contains(&(kva_end - 1))
+            || kva_start % PAGE_SIZE != 0
+        {
+            return Err(PmapError::WrongHalf(VirtAddr::new(kva_start)));
+        }
+        let sync = match geom.fmt.halves {
+            Halves::TtbrPair { .. } => KptSync::SharedRoot,
+            _ if geom.nlevels == 2 => KptSync::Propagate,
+            _ => KptSync::PreallocTop,
+        };
+        let dmap = if cfg.direct_map {
+            dmap_base.map(|b| (b, plat.direct_map_limit().as_u64()))
+        } else {
+            None
+        };
+        let quick_base = (kva_end - 2 * ncpu as u64 * PAGE_SIZE) & !(PAGE_SIZE - 1);
+        let tag_limit = match geom.fmt.tlb.tag {
+            vmsys_arch::TlbTag::None => 1,
+            vmsys_arch::TlbTag::Pcid { bits } | vmsys_arch::TlbTag::Asid { bits } => {
+                let hw = 1u32 << bits.min(16);
+                cfg.max_tags.map_or(hw, |m| m.clamp(2, hw))
+            }
+        };
+        let root_latched = geom.fmt.tlb.root_latched_on_switch;
+        let mut prealloc = Vec::new();
+        if sync == KptSync::PreallocTop {
+            let mut add = |lo: u64, hi: u64| {
+                let (a, b) = (geom.index(lo, 0), geom.index(hi - 1, 0));
+                for i in a..=b {
+                    if !prealloc.contains(&i) {
+                        prealloc.push(i);
+                    }
+                }
+            };
+            add(kva_start, kva_end);
+            if let Some((b, s)) = dmap {
+                if s > 0 {
+                    add(b, b + s);
+                }
+            }
+        }
+        let kern = KernelLayout {
+            sync,
+            kva_start,
+            quick_base,
+            dmap,
+            prealloc,
+            fixed_depth: usize::from(root_latched),
+            propagated: AtomicU64::new(0),
+            kernel_ptps: AtomicU64::new(0),
+        };
+        // The kernel root.
+        let root = frames.alloc().ok_or(PmapError::ResourceShortage)?;
+        let kernel = Arc::new(Pmap {
+            id: 0,
+            kernel: true,
+            root,
+            active: CpuMask::default(),
+            stale_on: CpuMask::default(),
+            tlb_cpus: CpuMask::default(),
+            tag: Default::default(),
+            state: spin::Mutex::new(PmapState::default()),
+        });
+        let mut sys = PmapSystem {
+            plat: plat.clone(),
+            geom,
+            cfg,
+            frames,
+            pages,
+            pv: super::pv::PvPool::new(),
+            kernel,
+            registry: spin::Mutex::new(alloc::vec![None]),
+            tags: spin::Mutex::new(TagAlloc::new(tag_limit)),
+            cpus: (0..ncpu).map(|_| CpuLocal::new()).collect(),
+            kern,
+            kernel_end: Default::default(),
+            empty_user_root: None,
+            stats: Default::default(),
+        };
+        sys.tables().zero_table(root.as_u64());
+        sys.mark_kernel_ptp(root);
+        sys.kern.kernel_ptps.fetch_add(1, Ordering::Relaxed);
+        if sync == KptSync::SharedRoot {
+            sys.empty_user_root = Some(sys.alloc_kernel_table()?);
+        }
+        for i in sys.kern.prealloc.clone() {
+            let va = sys.index_va(i);
+            sys.kernel_table(va, 1)?;
+        }
+        sys.map_direct()?;
+        sys.kernel_end.store(kva_start, Ordering::SeqCst);
+        // Page tables for the quick-map slots.
+        let mut va = quick_base;
+        while va < kva_end {
+            sys.kernel_table(va, sys.geom.last())?;
+            va += PAGE_SIZE;
+        }
+        let sys = Arc::new(sys);
+        tlb::install_handler(&sys.plat, sys.cfg.shootdown_vector);
+        Ok(sys)
+    }
+
+    /// Per-CPU start-up: load the kernel half's root (arm64 TTBR1) and activate the kernel pmap
+    /// on the calling CPU.
+    pub fn init_cpu(&self) {
+        if self.kern.sync == KptSync::SharedRoot {
+            self.plat
+                .load_kernel_root(self.kernel.root)
+                .expect("the format has a separate kernel root");
+        }
+        let k = self.kernel.clone();
+        self.activate(&k);
+    }
+}
+
+impl<P: Platform> PmapSystem<P> {
+    /// The first VA of root entry `i` of the kernel's root (sign-extended where the format is).
+    pub(crate) fn index_va(&self, i: usize) -> u64 {
+        let g = &self.geom;
+        let raw = (i as u64) << g.levels[0].shift;
+        match g.fmt.halves {
+            Halves::UpperHalf { va_bits } => {
+                let sh = 64 - va_bits;
+                (((raw << sh) as i64) >> sh) as u64
+            }
+            Halves::TtbrPair { va_bits } => raw | (u64::MAX << va_bits),
+            Halves::Split32 => raw,
+        }
+    }
+
+    fn mark_kernel_ptp(&self, pa: PhysAddr) {
+        let meta = self.pages.meta(pa);
+        meta.set_flags(crate::page::page_flags::KERNEL_PTP);
+        meta.ref_count.store(0, Ordering::Relaxed);
+    }
+
+    fn alloc_kernel_table(&self) -> Result<PhysAddr, PmapError> {
+        let p = self.alloc_ptp(true)?;
+        self.kern.kernel_ptps.fetch_add(1, Ordering::Relaxed);
+        Ok(p)
+    }
+
+    /// The kernel table at `level` for `va`, allocating missing ones (bootstrap and
+    /// `growkernel` only). New root entries are propagated where the format needs it.
+    fn kernel_table(&self, va: u64, level: usize) -> Result<u64, PmapError> {
+        let g = &self.geom;
+        let mut table = self.kernel.root.as_u64();
+        for lvl in 0..level {
+            let slot = g.slot(table, g.index(va, lvl));
+            let raw = self.tables().load(slot);
+            if g.is_table(raw, lvl) {
+                table = g.table_pa(raw, lvl);
+                continue;
+            }
+            if g.is_leaf(raw, lvl) {
+                return Err(PmapError::ExistingSuperpage(VirtAddr::new(va)));
+            }
+            let new = self.alloc_kernel_table()?;
+            let e = self
+                .geom
+                .fmt
+                .make_table(new.as_u64(), lvl)
+                .expect("a page-table page is encodable");
+            self.tables().store(slot, e);
+            if lvl == 0 && self.kern.sync == KptSync::Propagate {
+                self.propagate_root_entry(self.geom.index(va, 0), e);
+            }
+            table = new.as_u64();
+        }
+        Ok(table)
+    }
+
+    /// Copy kernel root entry `idx` into every user pmap (i386 2-level).
+    pub(crate) fn propagate_root_entry(&self, idx: usize, val: u64) {
+        let reg = table::lock(&self.registry, &*self.plat);
+        let mut n = 0;
+        for p in reg.iter().flatten().filter_map(|w| w.upgrade()) {
+            self.tables()
+                .store(self.geom.slot(p.root.as_u64(), idx), val);
+            n += 1;
+        }
+        self.kern.propagated.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Map the direct map at bootstrap: the largest leaves the format has.
+    fn map_direct(&self) -> Result<(), PmapError> {
+        let Some((base, size)) = self.kern.dmap else {
+            return Ok(());
+        };
+        let g = &self.geom;
+        let level = g.psind_level[g.npsind - 1];
+        let span = g.levels[level].span;
+        let tmpl = g
+            .fmt
+            .make_leaf(
+                0,
+                level,
+                Prot::WRITE,
+                PteFlags::GLOBAL | PteFlags::ACCESSED | PteFlags::DIRTY,
+                CacheMode::WriteBack,
+            )
+            .map_err(|_| PmapError::Unsupported)?;
+        let mut off = 0;
+        while off < size {
+            let va = base + off;
+            let table = self.kernel_table(va, level)?;
+            let slot = self.geom.slot(table, self.geom.index(va, level));
+            self.tables().store(slot, tmpl | off);
+            off += span;
+        }
+        Ok(())
+    }
+
+    /// Create a user pmap (FreeBSD `pmap_pinit`).
+    pub fn create(&self) -> Result<Arc<Pmap>, PmapError> {
+        let g = &self.geom;
+        let root = self.alloc_ptp(false)?;
+        let mut fixed = Vec::new();
+        let layout = g.fmt.layout(self.cfg.split);
+        if self.kern.fixed_depth > 0 {
+            // PAE: the PDPTEs are latched on CR3 loads, so every user page directory is
+            // allocated now and the PDPT never changes while the pmap lives.
+            for i in 0..layout.kernel_top.start {
+                match self.alloc_ptp(false) {
+                    Ok(pd) => {
+                        let e = g.fmt.make_table(pd.as_u64(), 0).expect("encodable");
+                        self.tables().store(g.slot(root.as_u64(), i), e);
+                        fixed.push(pd);
+                    }
+                    Err(e) => {
+                        for pd in fixed {
+                            self.free_ptp_now(pd);
+                        }
+                        self.free_ptp_now(root);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let mut reg = table::lock(&self.registry, &*self.plat);
+        if self.kern.sync != KptSync::SharedRoot {
+            // Under the registry lock, so that a concurrent propagation is not missed.
+            for i in layout.kernel_top.clone() {
+                let e = self.tables().load(g.slot(self.kernel.root.as_u64(), i));
+                self.tables().store(g.slot(root.as_u64(), i), e);
+            }
+        }
+        let id = match reg
+            .iter()
+            .position(|s| s.as_ref().is_none_or(|w| w.strong_count() == 0))
+        {
+            Some(i) if i > 0 => i,
+            _ => {
+                reg.push(None);
+                reg.len() - 1
+            }
+        };
+        let pmap = Arc::new(Pmap {
+            id: id as u32,
+            kernel: false,
+            root,
+            active: CpuMask::default(),
+            stale_on: CpuMask::default(),
+            tlb_cpus: CpuMask::default(),
+            tag: Default::default(),
+            state: spin::Mutex::new(PmapState {
+                fixed_tables: fixed,
+                ..PmapState::default()
+            }),
+        });
+        reg[id] = Some(Arc::downgrade(&pmap));
+        Ok(pmap)
+    }
+
+    /// Destroy a user pmap (FreeBSD `pmap_release`): it must have no mappings and be active
+    /// nowhere.
+    pub fn destroy(&self, pmap: Arc<Pmap>) -> Result<(), PmapError> {
+        if pmap.kernel {
+            return Err(PmapError::Busy);
+        }
+        let mut st = table::lock(&pmap.state, &*self.plat);
+        if st.resident != 0 || !pmap.active.snapshot().is_empty() || !st.saved.is_empty() {
+            return Err(PmapError::Busy);
+        }
+        let mut reg = table::lock(&self.registry, &*self.plat);
+        if let Some(slot) = reg.get_mut(pmap.id as usize) {
+            *slot = None;
+        }
+        drop(reg);
+        // The walk caches of CPUs that ran this pmap may still hold its upper tables (with its
+        // tag): flush them there before the tables are reused.
+        let mut flush = Flush::new();
+        flush.add_full();
+        for pd in st.fixed_tables.drain(..) {
+            flush.free_after(pd);
+        }
+        flush.free_after(pmap.root);
+        let cpus = pmap.tlb_cpus.snapshot();
+        drop(st);
+        for c in cpus.iter() {
+            pmap.active.insert(c);
+        }
+        self.complete(&pmap, flush);
+        for c in cpus.iter() {
+            pmap.active.remove(c);
+        }
+        Ok(())
+    }
+
+    /// Provide kernel page tables up to `end` (FreeBSD `pmap_growkernel`). Kernel tables are
+    /// never freed. Returns the new end of the grown kernel range.
+    pub fn growkernel(&self, end: VirtAddr) -> Result<VirtAddr, PmapError> {
+        let g = &self.geom;
+        let chunk = g.levels[g.last() - 1].span;
+        let target = end
+            .as_u64()
+            .checked_add(chunk - 1)
+            .ok_or(PmapError::KvaExhausted)?
+            & !(chunk - 1);
+        let limit = self.kern.quick_base & !(chunk - 1);
+        if target > limit || end.as_u64() < self.kern.kva_start {
+            return Err(PmapError::KvaExhausted);
+        }
+        let _k = table::lock(&self.kernel.state, &*self.plat);
+        let mut va = self.kernel_end.load(Ordering::SeqCst);
+        while va < target {
+            if let Err(e) = self.kernel_table(va, g.last()) {
+                self.kernel_end.store(va, Ordering::SeqCst);
+                return Err(e);
+            }
+            va += chunk;
+        }
+        self.kernel_end.store(
+            va.max(self.kernel_end.load(Ordering::SeqCst)),
+            Ordering::SeqCst,
+        );
+        Ok(VirtAddr::new(self.kernel_end.load(Ordering::SeqCst)))
+    }
+
+    /// How far the kernel range has page tables.
+    pub fn kernel_end(&self) -> VirtAddr {
+        VirtAddr::new(self.kernel_end.load(Ordering::SeqCst))
+    }
+
+    /// The kernel's dynamic range `[start, end)`.
+    pub fn kva_range(&self) -> (VirtAddr, VirtAddr) {
+        (
+            VirtAddr::new(self.kern.kva_start),
+            VirtAddr::new(self.kern.quick_base),
+        )
+    }
+
+    /// The direct map: base VA and the size of physical memory it covers.
+    pub fn direct_map(&self) -> Option<(VirtAddr, u64)> {
+        self.kern.dmap.map(|(b, s)| (VirtAddr::new(b), s))
+    }
+
+    /// The synchronisation strategy and what it costs.
+    pub fn kpt_sync_cost(&self) -> KptSyncCost {
+        let g = &self.geom;
+        let layout = g.fmt.layout(self.cfg.split);
+        KptSyncCost {
+            strategy: self.kern.sync,
+            preallocated_tables: self.kern.prealloc.len() as u64,
+            entries_copied_per_pmap: match self.kern.sync {
+                KptSync::SharedRoot => 0,
+                _ => layout.kernel_top.len() as u64,
+            },
+            fixed_tables_per_pmap: if self.kern.fixed_depth > 0 {
+                layout.kernel_top.start as u64
+            } else {
+                0
+            },
+            propagated_stores: self.kern.propagated.load(Ordering::Relaxed),
+            kernel_ptps: self.kern.kernel_ptps.load(Ordering::Relaxed),
+        }
+    }
+
+    fn kernel_entry(
+        &self,
+        level: usize,
+        pa: u64,
+        cache: CacheMode,
+        no_promote: bool,
+    ) -> Result<u64, PmapError> {
+        let mut f = PteFlags::GLOBAL | PteFlags::ACCESSED | PteFlags::DIRTY;
+        f.set(
+            PteFlags::NO_PROMOTE_SW,
+            no_promote && self.geom.no_promote_bit != 0,
+        );
+        self.geom
+            .fmt
+            .make_leaf(pa, level, Prot::WRITE, f, cache)
+            .map_err(|_| PmapError::Unsupported)
+    }
+
+    /// Map one kernel page, unmanaged and global (FreeBSD `pmap_kenter_attr`).
+    pub fn kenter(&self, va: VirtAddr, pa: PhysAddr, cache: CacheMode) -> Result<(), PmapError> {
+        self.check_range(&self.kernel, va, PAGE_SIZE, PAGE_SIZE)?;
+        self.check_pa(pa, PAGE_SIZE, false)?;
+        let new = self.kernel_entry(self.geom.last(), pa.as_u64(), cache, false)?;
+        self.kernel_pages(va.as_u64(), 1, |_| new, "kenter")
+    }
+
+    /// Unmap one kernel page mapped by `kenter` (FreeBSD `pmap_kremove`).
+    pub fn kremove(&self, va: VirtAddr) -> Result<(), PmapError> {
+        self.check_range(&self.kernel, va, PAGE_SIZE, PAGE_SIZE)?;
+        self.kernel_pages(va.as_u64(), 1, |_| 0, "kremove")
+    }
+
+    /// Map `pages` at `va`, transient kernel mappings (FreeBSD `pmap_qenter`): unmanaged,
+    /// global, never promoted where the format has a no-promote bit; entries that already
+    /// hold the same frame are not rewritten, and only replaced valid entries are shot down.
+    pub fn qenter(&self, va: VirtAddr, pages: &[PhysAddr]) -> Result<(), PmapError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        self.check_range(&self.kernel, va, pages.len() as u64 * PAGE_SIZE, PAGE_SIZE)?;
+        let mut vals = Vec::with_capacity(pages.len());
+        for &p in pages {
+            self.check_pa(p, PAGE_SIZE, false)?;
+            vals.push(self.kernel_entry(
+                self.geom.last(),
+                p.as_u64(),
+                CacheMode::WriteBack,
+                true,
+            )?);
+        }
+        self.kernel_pages(va.as_u64(), pages.len(), |i| vals[i], "qenter")
+    }
+
+    /// Unmap `count` pages at `va` mapped by `qenter` (FreeBSD `pmap_qremove`).
+    pub fn qremove(&self, va: VirtAddr, count: usize) -> Result<(), PmapError> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.check_range(&self.kernel, va, count as u64 * PAGE_SIZE, PAGE_SIZE)?;
+        self.kernel_pages(va.as_u64(), count, |_| 0, "qremove")
+    }
+
+    /// Write `count` unmanaged kernel entries from `va`: entry `i` becomes `val(i)`, a table at
+    /// a time. A superpage in the way is a caller bug (seed 000: transient mappings inside a
+    /// region that was promoted): it asserts in debug builds and is demoted in release builds,
+    /// never written through.
+    fn kernel_pages(
+        &self,
+        va: u64,
+        count: usize,
+        val: impl Fn(usize) -> u64,
+        what: &str,
+    ) -> Result<(), PmapError> {
+        let g = &self.geom;
+        let t = self.tables();
+        let last = g.last();
+        let k = &self.kernel;
+        let mut st = table::lock(&k.state, &*self.plat);
+        let mut flush = Flush::new();
+        let end = va + count as u64 * PAGE_SIZE;
+        self.plat
+            .pt_update_begin(VirtAddr::new(va), VirtAddr::new(end));
+        let mut i = 0usize;
+        let mut buf = [0u64; 1024];
+        let mut result = Ok(());
+        while i < count {
+            let cva = va + i as u64 * PAGE_SIZE;
+            match self.cursor_at(k, cva) {
+                Found::Hole { .. } => {
+                    result = Err(PmapError::NoPageTable(VirtAddr::new(cva)));
+                    break;
+                }
+                Found::Super { level, .. } => {
+                    debug_assert!(
+                        false,
+                        "{what}: a superpage maps {cva:#x}: transient kernel mappings must not share a superpage region with promotable mappings (seed 000)"
+                    );
+                    let base = cva & !(g.levels[level].span - 1);
+                    if let Err(e) = self.demote(k, &mut st, base, level, OnFail::Keep, &mut flush) {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                Found::Run { table, idx } => {
+                    let n = (g.levels[last].entries - idx).min(count - i);
+                    let old = &mut buf[..n];
+                    t.load_run(table, idx, old);
+                    let mut valid_replaced = false;
+                    let mut new = [0u64; 1024];
+                    for k in 0..n {
+                        new[k] = val(i + k);
+                        if old[k] != 0 {
+                            debug_assert!(
+                                !g.managed(old[k]),
+                                "{what} over a managed mapping at {:#x}",
+                                cva + k as u64 * PAGE_SIZE
+                            );
+                            if old[k] != new[k] {
+                                valid_replaced = true;
+                            }
+                        }
+                        if old[k] != 0 && g.is_leaf(old[k], last) {
+                            st.resident -= 1;
+                        }
+                        if new[k] != 0 {
+                            st.resident += 1;
+                        }
+                    }
+                    if valid_replaced
+                        && g.fmt.tlb.break_before_make
+                        && new[..n].iter().any(|&v| v != 0)
+                    {
+                        // arm64: valid -> other valid needs the entry invalid and flushed first.
+                        t.store_run(table, idx, &[0u64; 1024][..n]);
+                        flush.add(cva, n as u64 * PAGE_SIZE);
+                        self.complete_now(k, &mut flush);
+                    }
+                    t.store_run(table, idx, &new[..n]);
+                    if valid_replaced {
+                        flush.add(cva, n as u64 * PAGE_SIZE);
+                    }
+                    i += n;
+                }
+            }
+        }
+        self.complete(k, flush);
+        self.plat.pt_update_end();
+        drop(st);
+        result
+    }
+}
