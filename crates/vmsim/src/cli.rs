@@ -37,7 +37,9 @@ pub enum Command {
     /// violations. Exits 1 if there was a violation or a wrong value was read.
     Run(RunArgs),
     /// Measure the cost of a simulated 8-byte load that hits the TLB (detector off, sampled and
-    /// on every access) against a raw atomic load, and the cost of a TLB miss and walk.
+    /// on every access) against a raw atomic load, and the cost of a TLB miss and walk
+    /// (`--what access`); and what the pmap costs per page-table entry to map, unmap and
+    /// translate, against the x86_64 crate's page-table code on the same memory (`--what pmap`).
     Bench(BenchArgs),
 }
 
@@ -179,25 +181,77 @@ impl RunArgs {
     }
 }
 
+/// Which benchmarks `vmsim bench` runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum BenchWhat {
+    /// The cost of a simulated memory access (TLB hit, TLB miss and walk), per --arch format.
+    Access,
+    /// The pmap's map, unmap and extract per page-table entry on amd64, against the x86_64
+    /// crate's page-table code over the same simulated memory.
+    Pmap,
+    /// Both.
+    #[default]
+    All,
+}
+
+impl BenchWhat {
+    pub fn access(self) -> bool {
+        matches!(self, BenchWhat::Access | BenchWhat::All)
+    }
+    pub fn pmap(self) -> bool {
+        matches!(self, BenchWhat::Pmap | BenchWhat::All)
+    }
+}
+
+/// Default of `--pmap-ranges`.
+pub const PMAP_RANGES: u32 = 16;
+/// Default of `--pmap-rounds`.
+pub const PMAP_ROUNDS: u32 = 64;
+/// Default of `--pmap-samples`.
+pub const PMAP_SAMPLES: u32 = 7;
+
 /// Options of `vmsim bench`.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct BenchArgs {
-    /// Page-table formats to measure: all, or a comma-separated list of amd64, amd64-la57,
-    /// arm64, i386, i386-pae.
+    /// Which benchmarks to run: access, pmap or all.
+    #[arg(long, value_enum, value_name = "WHICH", default_value_t = BenchWhat::All)]
+    pub what: BenchWhat,
+
+    /// Page-table formats of the access benchmark: all, or a comma-separated list of amd64,
+    /// amd64-la57, arm64, i386, i386-pae. (The pmap benchmark is amd64 only.)
     #[arg(long, value_name = "ARCH", default_value = "all", value_parser = parse_formats)]
     pub arch: Formats,
 
-    /// Timed TLB-hit accesses per measurement (the TLB-miss measurement does a twentieth as
-    /// many, as each costs a walk).
+    /// Timed TLB-hit accesses per measurement of the access benchmark (the TLB-miss
+    /// measurement does a twentieth as many, as each costs a walk).
     #[arg(long, value_name = "N", default_value_t = 20_000_000, value_parser = positive_u64)]
     pub iters: u64,
+
+    /// Pmap benchmark: 512-page ranges (one last-level table each) mapped, then unmapped, per
+    /// round, 1 to 256.
+    #[arg(long, value_name = "N", default_value_t = PMAP_RANGES,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub pmap_ranges: u32,
+
+    /// Pmap benchmark: rounds over the ranges per timed sample.
+    #[arg(long, value_name = "N", default_value_t = PMAP_ROUNDS, value_parser = positive_u32)]
+    pub pmap_rounds: u32,
+
+    /// Pmap benchmark: timed samples per operation (the median is reported), after a warm-up.
+    #[arg(long, value_name = "N", default_value_t = PMAP_SAMPLES,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub pmap_samples: u32,
 }
 
 impl Default for BenchArgs {
     fn default() -> Self {
         BenchArgs {
+            what: BenchWhat::All,
             arch: Formats::default(),
             iters: 20_000_000,
+            pmap_ranges: PMAP_RANGES,
+            pmap_rounds: PMAP_ROUNDS,
+            pmap_samples: PMAP_SAMPLES,
         }
     }
 }
@@ -278,6 +332,37 @@ mod tests {
         };
         assert_eq!(b.arch, Formats(vec![FormatId::Amd64]));
         assert_eq!(b.iters, 1000);
+        assert_eq!(b.what, BenchWhat::All);
+    }
+
+    #[test]
+    fn bench_what_parses() {
+        let Ok(Command::Bench(b)) = parse(&["vmsim", "bench"]) else {
+            panic!("expected bench")
+        };
+        assert_eq!(b, BenchArgs::default());
+        assert!(b.what.access() && b.what.pmap());
+        let Ok(Command::Bench(b)) = parse(&[
+            "vmsim",
+            "bench",
+            "--what",
+            "pmap",
+            "--pmap-ranges",
+            "2",
+            "--pmap-rounds",
+            "3",
+            "--pmap-samples",
+            "4",
+        ]) else {
+            panic!("expected bench")
+        };
+        assert_eq!(b.what, BenchWhat::Pmap);
+        assert!(!b.what.access() && b.what.pmap());
+        assert_eq!((b.pmap_ranges, b.pmap_rounds, b.pmap_samples), (2, 3, 4));
+        let Ok(Command::Bench(b)) = parse(&["vmsim", "bench", "--what", "access"]) else {
+            panic!("expected bench")
+        };
+        assert!(b.what.access() && !b.what.pmap());
     }
 
     #[test]
@@ -294,6 +379,11 @@ mod tests {
             &["vmsim", "run", "--remap-every", "x"],
             &["vmsim", "bench", "--iters", "0"],
             &["vmsim", "bench", "--cpus", "2"],
+            &["vmsim", "bench", "--what", "everything"],
+            &["vmsim", "bench", "--pmap-ranges", "0"],
+            &["vmsim", "bench", "--pmap-ranges", "257"],
+            &["vmsim", "bench", "--pmap-rounds", "0"],
+            &["vmsim", "bench", "--pmap-samples", "0"],
             &["vmsim", "frobnicate"],
         ] {
             let e = parse(bad).expect_err(&format!("{bad:?} should be rejected"));

@@ -168,3 +168,76 @@ macro_rules! for_each_format {
         )*
     };
 }
+
+/// A machine with a bootstrapped pmap layer.
+pub struct Env {
+    pub m: Arc<Machine>,
+    pub sys: Arc<vmsys::PmapSystem<Machine>>,
+    pub frames: Arc<vmsys::FrameList>,
+}
+
+/// Page-table frames for the pmap come from here (data frames from `DATA` up).
+pub const PT_POOL: (u64, u64) = (8 << 20, 56 << 20);
+
+pub fn env(f: FormatId, cpus: u32) -> Env {
+    env_with(f, cpus, vmsys::PmapConfig::default())
+}
+
+pub fn env_with(f: FormatId, cpus: u32, cfg: vmsys::PmapConfig) -> Env {
+    // The direct map covers the first 512 MiB, so that frames above it take the quick-map slot.
+    let m = machine_with(
+        MachineConfig::new(f)
+            .cpus(cpus)
+            .mem(1 << 30)
+            .direct_map_limit(512 << 20)
+            .detector(DetectorMode::Every),
+    );
+    let frames = Arc::new(vmsys::FrameList::new(
+        PhysAddr::new(PT_POOL.0),
+        PhysAddr::new(PT_POOL.1),
+    ));
+    let sys = vmsys::PmapSystem::bootstrap(m.clone(), frames.clone(), cfg).expect("bootstrap");
+    for c in 0..cpus {
+        m.run_on(c, |_| sys.init_cpu());
+    }
+    Env { m, sys, frames }
+}
+
+impl Env {
+    /// Audit the pmap layer and every CPU's TLB; panic with the findings.
+    pub fn audit(&self) -> vmsys::pmap::AuditReport {
+        let rep = match self.sys.audit() {
+            Ok(r) => r,
+            Err(errs) => panic!("pmap audit failed: {errs:#?}"),
+        };
+        let v = self.m.audit();
+        assert!(v.is_empty(), "stale translations: {v:#?}");
+        let live = self.m.detector().violations();
+        assert!(live.is_empty(), "detector violations: {live:#?}");
+        rep
+    }
+
+    /// A user-half VA `n` blocks of `align` into the user half (above 4 GiB where possible).
+    pub fn uva(&self, align: u64, n: u64) -> u64 {
+        let base: u64 = match self.m.format() {
+            FormatId::I386 | FormatId::I386Pae => 0x1000_0000,
+            _ => 0x10_0000_0000,
+        };
+        base.next_multiple_of(align) + n * align
+    }
+
+    /// Grow the kernel by `len` and return the start of the new range.
+    pub fn grow(&self, len: u64) -> u64 {
+        let start = self.sys.kernel_end().as_u64();
+        self.sys
+            .growkernel(VirtAddr::new(start + len))
+            .expect("growkernel");
+        start
+    }
+
+    /// Frames the pmap holds from its frame source.
+    pub fn frames_in_use(&self) -> u64 {
+        use vmsys::FrameSource;
+        self.frames.in_use()
+    }
+}

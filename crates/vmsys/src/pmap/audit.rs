@@ -87,8 +87,11 @@ impl<P: Platform> PmapSystem<P> {
                         lvl == 0 && layout.kernel_top.contains(&i) && !layout.separate_roots;
                     if !pmap.kernel && kernel_slot {
                         // KPT-1: user copies of kernel root entries equal the kernel's.
+                        // The MMU sets the accessed bit of upper-level entries it walks
+                        // through (x86), independently in each copy.
                         let k = t.load(g.slot(self.kernel.root.as_u64(), i));
-                        if k != raw {
+                        let a = g.accessed_mask();
+                        if k & !a != raw & !a {
                             err(
                                 "KPT-1",
                                 format!(
@@ -124,18 +127,22 @@ impl<P: Platform> PmapSystem<P> {
                     } else if g.is_leaf(raw, lvl) {
                         let span = g.levels[lvl].span;
                         let pa = g.leaf_pa(raw, lvl);
+                        let is_dmap = self
+                            .kern
+                            .dmap
+                            .is_some_and(|(b, s)| va >= b && va < b + s.max(1));
+                        if is_dmap {
+                            // The direct map is not counted as mappings.
+                            continue;
+                        }
                         rep.leaves += 1;
                         resident += span / PAGE_SIZE;
                         if g.wired(raw) {
                             wired += span / PAGE_SIZE;
                         }
-                        let is_dmap = self
-                            .kern
-                            .dmap
-                            .is_some_and(|(b, s)| va >= b && va < b + s.max(1));
                         if lvl != g.last() {
                             rep.superpages += 1;
-                            if !is_dmap && pmap.kernel && !st.saved.contains_key(&(lvl as u8, va)) {
+                            if pmap.kernel && !st.saved.contains_key(&(lvl as u8, va)) {
                                 err(
                                     "SP-2",
                                     format!(
@@ -143,9 +150,6 @@ impl<P: Platform> PmapSystem<P> {
                                     ),
                                 );
                             }
-                        }
-                        if is_dmap {
-                            resident -= span / PAGE_SIZE;
                         }
                         if g.managed(raw) {
                             expect_pv.insert((

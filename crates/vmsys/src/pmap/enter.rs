@@ -169,6 +169,9 @@ impl<P: Platform> PmapSystem<P> {
                 }
                 // The entry existed: the hold is not a new entry.
                 self.ptp_unref(pmap, va, last, table, 1, flush);
+                if !flags.contains(EnterFlags::NO_PROMOTE) {
+                    self.maybe_promote(pmap, st, va, table, flush);
+                }
                 return Ok(());
             }
             // Another frame: remove the old mapping (our hold keeps the table), and on arm64

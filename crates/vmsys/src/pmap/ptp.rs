@@ -150,7 +150,9 @@ impl<P: Platform> PmapSystem<P> {
             before >= n,
             "PT-2: page-table page {table:#x} count underflow ({before} - {n})"
         );
-        if before != n {
+        // Tables allocated with the pmap (PAE's page directories, whose PDPTEs the CPU latches)
+        // stay until the pmap is destroyed.
+        if before != n || level <= self.kern.fixed_depth {
             return;
         }
         // Detach from the parent: the parent's entry for this table is at level - 1.

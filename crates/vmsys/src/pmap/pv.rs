@@ -2,11 +2,11 @@
 //!
 //! Entries are counted against a pool backed by physical frames, as FreeBSD's PV chunks are:
 //! when the pool is empty, a frame is taken from the frame source for another chunk's worth of
-//! entries, and a shortage of frames is a PV allocation failure (no sleeping, no reclaim). Idle
-//! chunks beyond a small reserve go back to the frame source.
+//! entries, and a shortage of frames is a PV allocation failure (no sleeping, no reclaim). A
+//! chunk's worth of idle entries goes back to the frame source.
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::addr::PhysAddr;
 use crate::frames::FrameSource;
@@ -22,6 +22,10 @@ pub const PV_PER_CHUNK: u64 = 168;
 pub(crate) struct PvPool {
     st: spin::Mutex<PoolState>,
     in_use: AtomicU64,
+    /// Fault injection: reservations left before failures begin (negative: none).
+    fail_after: AtomicI64,
+    /// Failures to deliver then (negative: forever).
+    fail_count: AtomicI64,
 }
 
 struct PoolState {
@@ -37,6 +41,37 @@ impl PvPool {
                 chunks: Vec::new(),
             }),
             in_use: AtomicU64::new(0),
+            fail_after: AtomicI64::new(-1),
+            fail_count: AtomicI64::new(0),
+        }
+    }
+
+    /// After `after` more successful reservations, fail the next `count` (`None`: all).
+    pub fn inject_failures(&self, after: u64, count: Option<u64>) {
+        self.fail_count
+            .store(count.map_or(-1, |c| c as i64), Ordering::SeqCst);
+        self.fail_after.store(after as i64, Ordering::SeqCst);
+    }
+
+    fn injected_failure(&self) -> bool {
+        let left = self.fail_after.load(Ordering::SeqCst);
+        if left < 0 {
+            return false;
+        }
+        if left > 0 {
+            self.fail_after.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        match self.fail_count.load(Ordering::SeqCst) {
+            c if c < 0 => true,
+            0 => {
+                self.fail_after.store(-1, Ordering::SeqCst);
+                false
+            }
+            _ => {
+                self.fail_count.fetch_sub(1, Ordering::SeqCst);
+                true
+            }
         }
     }
 
@@ -57,6 +92,9 @@ impl PvPool {
         pages: &PageArray,
         plat: &P,
     ) -> Result<(), PmapError> {
+        if self.injected_failure() {
+            return Err(PmapError::ResourceShortage);
+        }
         let mut st = table::lock(&self.st, plat);
         let mut got = Vec::new();
         while st.free_slots + got.len() as u64 * PV_PER_CHUNK < n {
@@ -82,7 +120,7 @@ impl PvPool {
         Ok(())
     }
 
-    /// Return `n` entries; idle chunks beyond one spare go back to the frame source.
+    /// Return `n` entries; chunks no longer needed go back to the frame source.
     pub fn release<P: Platform>(
         &self,
         n: u64,
@@ -96,7 +134,7 @@ impl PvPool {
         let mut st = table::lock(&self.st, plat);
         st.free_slots += n;
         self.in_use.fetch_sub(n, Ordering::Relaxed);
-        while st.free_slots >= 2 * PV_PER_CHUNK {
+        while st.free_slots >= PV_PER_CHUNK {
             let f = st.chunks.pop().expect("free slots imply chunks");
             st.free_slots -= PV_PER_CHUNK;
             if let Some(m) = pages.get(f) {
@@ -146,6 +184,12 @@ impl<P: Platform> super::PmapSystem<P> {
 
     pub(crate) fn pv_release(&self, n: u64) {
         self.pv.release(n, &*self.frames, &self.pages, &*self.plat);
+    }
+
+    /// Fault injection for PV allocation: after `after` more successful allocations, the next
+    /// `count` fail (`None`: every one), as a no-sleep allocation under memory pressure does.
+    pub fn inject_pv_failures(&self, after: u64, count: Option<u64>) {
+        self.pv.inject_failures(after, count);
     }
 
     pub(crate) fn pv_reserve(&self, n: u64) -> Result<(), PmapError> {

@@ -120,18 +120,6 @@ impl Flush {
     }
 }
 
-impl Drop for Flush {
-    fn drop(&mut self) {
-        debug_assert!(
-            self.is_empty(),
-            "a Flush was dropped without being completed ({:#x}..{:#x}, {} page-table pages)",
-            self.start,
-            self.end,
-            self.free.len()
-        );
-    }
-}
-
 /// IPI payload kinds.
 const IPI_PAGES: u64 = 1;
 const IPI_TAG: u64 = 2;
