@@ -1,4 +1,5 @@
-//! `vmsim bench`: what a simulated memory access costs.
+//! `vmsim bench`: what a simulated memory access costs (`--what access`), and what the pmap
+//! costs per page-table entry ([`crate::pmap_bench`], `--what pmap`); both by default.
 //!
 //! The number that matters is an 8-byte load that hits the TLB, since that is nearly every
 //! access a workload makes: it is measured on one CPU over 16 pages touched round-robin after
@@ -19,7 +20,8 @@ use vmsys_sim::{Cpu, DetectorMode, Machine, MachineConfig};
 
 use crate::cli::BenchArgs;
 use crate::error::CliError;
-use crate::report::detector_name;
+use crate::pmap_bench::{self, PmapParams};
+use crate::report::{detector_name, print_pmap_bench};
 
 /// The goal for a TLB hit with the detector off or sampled.
 pub const TARGET_NS: f64 = 10.0;
@@ -208,8 +210,24 @@ pub fn bench_format(format: FormatId, iters: u64) -> Result<Vec<BenchRow>, CliEr
     })
 }
 
-/// `vmsim bench`: print a row per format and detector mode. Timing never fails the command.
+/// `vmsim bench`: the benchmarks `--what` selects, one after the other. Timing never fails the
+/// command (missed targets are printed, not errors).
 pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if args.what.access() {
+        access_bench(args, out)?;
+    }
+    if args.what.pmap() {
+        if args.what.access() {
+            writeln!(out)?;
+        }
+        let b = pmap_bench::measure(PmapParams::from_args(args))?;
+        print_pmap_bench(out, &b)?;
+    }
+    Ok(())
+}
+
+/// The access benchmark: a row per format and detector mode.
+pub fn access_bench(args: &BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let iters = args.iters;
     writeln!(
         out,

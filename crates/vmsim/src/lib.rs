@@ -3,7 +3,8 @@
 //! - [`cli`]: the command line (clap).
 //! - [`run`]: `vmsim run`, the multi-CPU workload under changing mappings, with the page tables
 //!   and access loop in [`workload`].
-//! - [`bench`]: `vmsim bench`, the cost of a simulated access.
+//! - [`bench`]: `vmsim bench`, the cost of a simulated access; [`pmap_bench`], the cost of the
+//!   pmap's map, unmap and extract against the x86_64 crate's page-table code.
 //! - [`report`]: what the commands print.
 //!
 //! The commands are library functions that write to any `io::Write`, so tests call them
@@ -12,6 +13,7 @@
 pub mod bench;
 pub mod cli;
 pub mod error;
+pub mod pmap_bench;
 pub mod report;
 pub mod run;
 pub mod units;

@@ -8,6 +8,7 @@ use vmsys_arch::FormatId;
 use vmsys_sim::{CounterSnapshot, DetectorMode};
 
 use crate::cli::RunArgs;
+use crate::pmap_bench::{PmapBench, FORMAT, RANGE_PAGES};
 use crate::units::format_size;
 use crate::workload::{CpuStats, Shape};
 
@@ -287,6 +288,107 @@ pub fn print_summary(out: &mut dyn Write, reports: &[FormatReport]) -> io::Resul
     } else {
         writeln!(out, "result: FAILED ({})", bad.join(", "))
     }
+}
+
+/// `a / b` as a ratio column: `7.6x`, `-` without a value.
+fn ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
+}
+
+/// The pmap benchmark: the header, the comparison table with ratios, notes and the targets.
+pub fn print_pmap_bench(out: &mut dyn Write, b: &PmapBench) -> io::Result<()> {
+    let p = &b.params;
+    writeln!(
+        out,
+        "vmsim bench pmap: {} on one CPU, detector off; {} ranges x {RANGE_PAGES} pages x {} rounds = {} entries per sample and operation; median of {} samples after a warm-up",
+        FORMAT.name(),
+        p.ranges,
+        p.rounds,
+        p.entries_per_sample(),
+        p.samples
+    )?;
+    if cfg!(debug_assertions) {
+        writeln!(
+            out,
+            "(debug build: these timings are meaningless, use --release)"
+        )?;
+    }
+    writeln!(
+        out,
+        "4 KiB entries: PmapConfig::default() (promotion on), data frames start 4 KiB past a 2 MiB boundary so a full table is never promoted ({} promotions, {} failed promotion checks)",
+        b.promotions, b.promotion_failures
+    )?;
+    writeln!(
+        out,
+        "the user pmap is active on no CPU: no TLB invalidation on either side (the x86_64 crate's flushes are ignored: INVLPG is privileged)"
+    )?;
+    writeln!(
+        out,
+        "x86_64 crate 0.15: MappedPageTable over the same simulated memory (frame -> PhysMem::host_page_ptr), tables from a bump range ({} frames)",
+        b.x86_tables
+    )?;
+    writeln!(
+        out,
+        "floor: raw AtomicU64 store, {RANGE_PAGES} words per table: {:.2} ns/entry",
+        b.floor_store.median()
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<12}{:>10}{:>12}{:>10}{:>16}{:>18}",
+        "ns/entry", "vmsys", "vmsys/page", "x86_64", "x86_64 / vmsys", "x86_64 / per-page"
+    )?;
+    for r in b.rows() {
+        writeln!(
+            out,
+            "{:<12}{:>10.2}{:>12}{:>10.2}{:>16}{:>18}",
+            r.op,
+            r.vmsys,
+            r.vmsys_per_page
+                .map_or_else(|| "-".into(), |v| format!("{v:.2}")),
+            r.x86_64,
+            ratio(Some(r.ratio())),
+            ratio(r.ratio_per_page())
+        )?;
+    }
+    writeln!(
+        out,
+        "  map:       vmsys enter_range of 512 pages | vmsys enter, one page | x86_64 map_to, one page"
+    )?;
+    writeln!(
+        out,
+        "  unmap:     vmsys remove of the 512-page range | vmsys remove, one page | x86_64 unmap, one page"
+    )?;
+    writeln!(
+        out,
+        "  translate: vmsys extract | - | x86_64 translate_addr; round-robin over 512 mapped pages (ns/call)"
+    )?;
+    writeln!(
+        out,
+        "  vmsys page-table pages allocated per 512-page map: {:.2} (vmsys frees a table when its last entry goes; the x86_64 crate never frees one)",
+        b.ptps_per_range
+    )?;
+    let spread =
+        |name: &str, t: &crate::pmap_bench::Timing| format!("{name} {:.2}-{:.2}", t.min(), t.max());
+    writeln!(
+        out,
+        "  spread (min-max ns): {}; {}; {}",
+        spread("range map", &b.range_map),
+        spread("range unmap", &b.range_unmap),
+        spread("extract", &b.extract)
+    )?;
+    writeln!(out)?;
+    writeln!(out, "targets (ratios are x86_64 time / vmsys range time):")?;
+    for t in b.targets() {
+        writeln!(
+            out,
+            "  {:<58}{:>10}  {}",
+            t.what,
+            t.value,
+            if t.met { "met" } else { "MISSED" }
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -108,12 +108,17 @@ impl<P: Platform> PmapSystem<P> {
                 e
             }
         };
+        // Write-protecting a clean writable entry takes away a right that a TLB may hold: the
+        // region is invalidated whenever that happened, whether or not promotion succeeds.
+        let mut protected = false;
         let first = {
             let old = t.update(first_slot, wp);
+            protected |= wp(old) != old;
             wp(old)
         };
         let cmp = !(g.levels[child].leaf_addr | g.accessed_mask());
         let mut all_accessed = g.accessed(first);
+        let mut ok = true;
         // Top down, as FreeBSD: a concurrent fill tends to proceed bottom up.
         for i in (1..n).rev() {
             let s = g.slot(pt, i);
@@ -122,13 +127,23 @@ impl<P: Platform> PmapSystem<P> {
                 || g.leaf_pa(e, child) != pa0 + i as u64 * PAGE_SIZE
                 || e & g.no_promote_bit != 0
             {
-                return fail();
+                ok = false;
+                break;
             }
-            let e = wp(t.update(s, wp));
+            let old = t.update(s, wp);
+            let e = wp(old);
+            protected |= e != old;
             if e & cmp != first & cmp {
-                return fail();
+                ok = false;
+                break;
             }
             all_accessed &= g.accessed(e);
+        }
+        if protected {
+            flush.add(base, span);
+        }
+        if !ok {
+            return fail();
         }
         let new = g.reencode_leaf(first, child, level, pa0, |mut f| {
             f.set(PteFlags::PROMOTED_SW, g.promoted_bit != 0);
@@ -163,6 +178,9 @@ impl<P: Platform> PmapSystem<P> {
             self.set_entry(pmap, level, slot, new);
         } else {
             self.set_entry(pmap, level, slot, new);
+            // The small entries of the region must go from every TLB, not only the one at
+            // `base`: a later change of the superpage is invalidated by one address.
+            flush.add(base, span);
             flush.add_table(base, span);
         }
         let meta = self.pages.meta(PhysAddr::new(pt));
