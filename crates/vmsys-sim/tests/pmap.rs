@@ -745,7 +745,7 @@ fn seed001_quick_mappings(f: FormatId) {
         cpu.write_u64(d.as_u64(), x).unwrap();
         e.sys.quick_remove_pair(s, d);
     });
-    let _ = e.m.run_on(1, |_| {
+    e.m.run_on(1, |_| {
         // The busy flag left by the asserting nested call (debug) is cleared by the remove
         // above; a new enter works.
         let c = e.sys.quick_enter_page(pa(high));

@@ -267,7 +267,7 @@ impl World {
                     let va = VirtAddr::new(kbase + slot * PAGE);
                     e.sys.qenter(va, &[fpa(frame)]).unwrap();
                     kmodel.insert(slot, frame);
-                    assert_eq!(c.read_u64(va.as_u64()).is_ok(), true);
+                    assert!(c.read_u64(va.as_u64()).is_ok(), "qenter reached cpu {cpu}");
                 }
                 Op::Qremove { slot } => {
                     let va = VirtAddr::new(kbase + slot * PAGE);
