@@ -694,8 +694,12 @@ pub fn measure(p: PmapParams) -> Result<PmapBench, CliError> {
         m.mem().store_u64(DATA + CHECK_PAGE * PAGE, MAGIC);
         sys.activate(&pmap);
         mmu_check(c, "the vmsys pmap")?;
-        let x86_root = x86.root;
-        drop(x86);
+        // The x86_64 side (and its `&mut PageTable`) ends here, before the simulated MMU reads
+        // through its tables.
+        let x86_root = {
+            let x86 = x86;
+            x86.root
+        };
         m.load_root(RootLoad {
             root: PhysAddr::new(x86_root),
             tag: 0,

@@ -629,7 +629,7 @@ impl<P: Platform> PmapSystem<P> {
                         && new[..n].iter().any(|&v| v != 0)
                     {
                         // arm64: valid -> other valid needs the entry invalid and flushed first.
-                        t.store_run(table, idx, &[0u64; 1024][..n]);
+                        t.store_run(table, idx, &table::ZEROS[..n]);
                         flush.add(cva, n as u64 * PAGE_SIZE);
                         self.complete_now(k, &mut flush);
                     }

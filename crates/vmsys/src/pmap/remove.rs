@@ -181,7 +181,7 @@ impl<P: Platform> PmapSystem<P> {
             old.iter_mut().for_each(|e| *e = 0);
             t.swap_run(table, idx, old);
         } else {
-            t.store_run(table, idx, &[0u64; 1024][..n]);
+            t.store_run(table, idx, &table::ZEROS[..n]);
         }
         for (i, &e) in old.iter().enumerate() {
             if !g.is_leaf(e, last) {

@@ -21,6 +21,9 @@ pub(crate) fn lock<'a, T, P: Platform + ?Sized>(
     }
 }
 
+/// Zeros for clearing a run of entries without building a buffer.
+pub(crate) static ZEROS: [u64; 1024] = [0; 1024];
+
 /// Entry access for one format.
 pub(crate) struct Tables<'a, P: Platform> {
     pub plat: &'a P,
