@@ -41,16 +41,72 @@ pub trait FrameSource: Send + Sync {
     fn in_use(&self) -> u64;
 }
 
+/// Fault injection for an allocator: after a number of successes, fail a number of times (or
+/// forever). Shared by every allocator whose failure path must be tested.
+pub struct FaultInjector {
+    /// Successes left before failures begin (negative: disarmed).
+    after: AtomicI64,
+    /// Failures still to deliver once `after` reaches zero (negative: forever).
+    count: AtomicI64,
+}
+
+impl FaultInjector {
+    pub const fn new() -> Self {
+        FaultInjector {
+            after: AtomicI64::new(-1),
+            count: AtomicI64::new(0),
+        }
+    }
+
+    /// After `after` more successes, fail the next `count` (`None`: every one).
+    pub fn arm(&self, after: u64, count: Option<u64>) {
+        self.count
+            .store(count.map_or(-1, |c| c as i64), Ordering::SeqCst);
+        self.after.store(after as i64, Ordering::SeqCst);
+    }
+
+    /// No more injected failures.
+    pub fn disarm(&self) {
+        self.after.store(-1, Ordering::SeqCst);
+    }
+
+    /// Whether this allocation must fail (counts it either way).
+    pub fn should_fail(&self) -> bool {
+        let left = self.after.load(Ordering::SeqCst);
+        if left < 0 {
+            return false;
+        }
+        if left > 0 {
+            self.after.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        match self.count.load(Ordering::SeqCst) {
+            c if c < 0 => true,
+            0 => {
+                self.disarm();
+                false
+            }
+            _ => {
+                self.count.fetch_sub(1, Ordering::SeqCst);
+                true
+            }
+        }
+    }
+}
+
+impl Default for FaultInjector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A free list of the frames in `[start, end)`, with fault injection.
 pub struct FrameList {
     start: u64,
     end: u64,
     inner: spin::Mutex<FreeState>,
     in_use: AtomicU64,
-    /// Allocations left before injected failures begin (negative: no injection).
-    fail_after: AtomicI64,
-    /// Injected failures still to deliver once `fail_after` reaches zero (negative: forever).
-    fail_count: AtomicI64,
+    faults: FaultInjector,
 }
 
 struct FreeState {
@@ -78,49 +134,24 @@ impl FrameList {
                 allocated: alloc::vec![0; n.div_ceil(64)],
             }),
             in_use: AtomicU64::new(0),
-            fail_after: AtomicI64::new(-1),
-            fail_count: AtomicI64::new(0),
+            faults: FaultInjector::new(),
         }
     }
 
     /// Make allocations fail: after `after` more successes, the next `count` allocations fail
     /// (`None`: every one from then on). Fault injection for the resource-shortage paths.
     pub fn inject_failures(&self, after: u64, count: Option<u64>) {
-        self.fail_count
-            .store(count.map_or(-1, |c| c as i64), Ordering::SeqCst);
-        self.fail_after.store(after as i64, Ordering::SeqCst);
+        self.faults.arm(after, count);
     }
 
     /// Stop injecting failures.
     pub fn clear_failures(&self) {
-        self.fail_after.store(-1, Ordering::SeqCst);
+        self.faults.disarm();
     }
 
     /// Frames still free.
     pub fn free_count(&self) -> u64 {
         self.inner.lock().free.len() as u64
-    }
-
-    fn injected_failure(&self) -> bool {
-        let left = self.fail_after.load(Ordering::SeqCst);
-        if left < 0 {
-            return false;
-        }
-        if left > 0 {
-            self.fail_after.fetch_sub(1, Ordering::SeqCst);
-            return false;
-        }
-        match self.fail_count.load(Ordering::SeqCst) {
-            c if c < 0 => true,
-            0 => {
-                self.fail_after.store(-1, Ordering::SeqCst);
-                false
-            }
-            _ => {
-                self.fail_count.fetch_sub(1, Ordering::SeqCst);
-                true
-            }
-        }
     }
 
     fn bit(&self, pa: u64) -> Result<(usize, u64), FrameError> {
@@ -134,7 +165,7 @@ impl FrameList {
 
 impl FrameSource for FrameList {
     fn alloc(&self) -> Option<PhysAddr> {
-        if self.injected_failure() {
+        if self.faults.should_fail() {
             return None;
         }
         let mut st = self.inner.lock();

@@ -375,6 +375,13 @@ mod tests {
         assert!(!s.contains(1000));
     }
 
+    use core::sync::atomic::Ordering;
+
+    /// Bit offset of the 4-byte half of its 8-byte word that `pa` names (little-endian).
+    fn half_shift(pa: PhysAddr) -> u64 {
+        (pa.as_u64() & 4) * 8
+    }
+
     /// A platform with one page of words and nothing else, to exercise the default methods.
     struct OnePage {
         words: [core::sync::atomic::AtomicU64; 512],
@@ -416,36 +423,62 @@ mod tests {
             self.word(pa)
                 .swap(val, core::sync::atomic::Ordering::AcqRel)
         }
-        fn pt_cas64(&self, _: PhysAddr, _: u64, _: u64) -> Result<u64, u64> {
-            unimplemented!()
+        fn pt_cas64(&self, pa: PhysAddr, old: u64, new: u64) -> Result<u64, u64> {
+            self.word(pa)
+                .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
         }
-        fn pt_load32(&self, _: PhysAddr) -> u32 {
-            unimplemented!()
+        fn pt_load32(&self, pa: PhysAddr) -> u32 {
+            (self.pt_load64(PhysAddr::new(pa.as_u64() & !7)) >> half_shift(pa)) as u32
         }
-        fn pt_store32(&self, _: PhysAddr, _: u32) {
-            unimplemented!()
+        fn pt_store32(&self, pa: PhysAddr, val: u32) {
+            self.pt_swap32(pa, val);
         }
-        fn pt_swap32(&self, _: PhysAddr, _: u32) -> u32 {
-            unimplemented!()
+        fn pt_swap32(&self, pa: PhysAddr, val: u32) -> u32 {
+            let sh = half_shift(pa);
+            let w = self.word(PhysAddr::new(pa.as_u64() & !7));
+            let old = w
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    Some(v & !(0xffff_ffff << sh) | (val as u64) << sh)
+                })
+                .expect("the update always succeeds");
+            (old >> sh) as u32
         }
-        fn pt_cas32(&self, _: PhysAddr, _: u32, _: u32) -> Result<u32, u32> {
-            unimplemented!()
+        fn pt_cas32(&self, pa: PhysAddr, old: u32, new: u32) -> Result<u32, u32> {
+            let sh = half_shift(pa);
+            let w = self.word(PhysAddr::new(pa.as_u64() & !7));
+            w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                ((v >> sh) as u32 == old).then(|| v & !(0xffff_ffff << sh) | (new as u64) << sh)
+            })
+            .map(|v| (v >> sh) as u32)
+            .map_err(|v| (v >> sh) as u32)
         }
-        fn phys_zero(&self, _: PhysAddr, _: u64) {
-            unimplemented!()
+        fn phys_zero(&self, pa: PhysAddr, len: u64) {
+            self.phys_write(pa, &alloc::vec![0u8; len as usize]);
         }
-        fn phys_copy(&self, _: PhysAddr, _: PhysAddr, _: u64) {
-            unimplemented!()
+        fn phys_copy(&self, src: PhysAddr, dst: PhysAddr, len: u64) {
+            let mut buf = alloc::vec![0u8; len as usize];
+            self.phys_read(src, &mut buf);
+            self.phys_write(dst, &buf);
         }
-        fn phys_read(&self, _: PhysAddr, _: &mut [u8]) {
-            unimplemented!()
+        fn phys_read(&self, pa: PhysAddr, buf: &mut [u8]) {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let a = pa.as_u64() + i as u64;
+                *b = (self.word(PhysAddr::new(a & !7)).load(Ordering::Acquire) >> ((a & 7) * 8))
+                    as u8;
+            }
         }
-        fn phys_write(&self, _: PhysAddr, _: &[u8]) {
-            unimplemented!()
+        fn phys_write(&self, pa: PhysAddr, buf: &[u8]) {
+            for (i, &b) in buf.iter().enumerate() {
+                let a = pa.as_u64() + i as u64;
+                let sh = (a & 7) * 8;
+                self.word(PhysAddr::new(a & !7))
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                        Some(v & !(0xff << sh) | (b as u64) << sh)
+                    })
+                    .expect("the update always succeeds");
+            }
         }
-        fn load_root(&self, _: RootLoad) {
-            unimplemented!()
-        }
+        fn load_root(&self, _: RootLoad) {}
         fn load_kernel_root(&self, _: PhysAddr) -> Result<(), PlatformError> {
             Err(PlatformError::Unsupported)
         }
@@ -466,6 +499,30 @@ mod tests {
             words: core::array::from_fn(|_| core::sync::atomic::AtomicU64::new(0)),
             stores: core::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    #[test]
+    fn one_page_word_views_agree() {
+        let p = one_page();
+        p.pt_store64(PhysAddr::new(16), 0x1122_3344_5566_7788);
+        assert_eq!(p.pt_load32(PhysAddr::new(16)), 0x5566_7788);
+        assert_eq!(p.pt_load32(PhysAddr::new(20)), 0x1122_3344);
+        assert_eq!(p.pt_cas32(PhysAddr::new(20), 1, 2), Err(0x1122_3344));
+        assert_eq!(
+            p.pt_cas32(PhysAddr::new(20), 0x1122_3344, 9),
+            Ok(0x1122_3344)
+        );
+        assert_eq!(p.pt_load64(PhysAddr::new(16)), 0x0000_0009_5566_7788);
+        let mut b = [0u8; 3];
+        p.phys_read(PhysAddr::new(16), &mut b);
+        assert_eq!(b, [0x88, 0x77, 0x66]);
+        p.phys_copy(PhysAddr::new(16), PhysAddr::new(40), 8);
+        assert_eq!(
+            p.pt_cas64(PhysAddr::new(40), 0x0000_0009_5566_7788, 0),
+            Ok(0x0000_0009_5566_7788)
+        );
+        p.phys_zero(PhysAddr::new(16), 8);
+        assert_eq!(p.pt_load64(PhysAddr::new(16)), 0);
     }
 
     #[test]

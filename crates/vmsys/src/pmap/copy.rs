@@ -100,8 +100,7 @@ impl<P: Platform> PmapSystem<P> {
                 }
                 Found::Run { table: stable, idx } => {
                     let last = g.last();
-                    let n = ((g.levels[last].entries - idx) as u64).min((eva - va) / PAGE_SIZE)
-                        as usize;
+                    let n = g.run_len(idx, (eva - va) / PAGE_SIZE);
                     let mut src_run = [0u64; 1024];
                     t.load_run(stable, idx, &mut src_run[..n]);
                     let wanted = |e: u64| e != 0 && g.managed(e) && !g.wired(e);

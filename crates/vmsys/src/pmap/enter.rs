@@ -460,7 +460,7 @@ impl<P: Platform> PmapSystem<P> {
             let done = i * PAGE_SIZE;
             let cva = va + done;
             let idx = g.index(cva, last);
-            let n = ((g.levels[last].entries - idx) as u64).min(npages - i) as usize;
+            let n = g.run_len(idx, npages - i);
             let table = self
                 .table_for_4k(pmap, st, cva, flags | EnterFlags::NOREPLACE, flush)
                 .map_err(|e| (e, done))?;

@@ -109,6 +109,13 @@ impl Geometry {
         ((va >> l.shift) as usize) & (l.entries - 1)
     }
 
+    /// How many of `pages` remaining 4 KiB pages a last-level table holds from index `idx`
+    /// (the length of a range cursor's run).
+    #[inline]
+    pub fn run_len(&self, idx: usize, pages: u64) -> usize {
+        ((self.levels[self.last()].entries - idx) as u64).min(pages) as usize
+    }
+
     /// Physical address of entry `idx` of the table at `table`.
     #[inline]
     pub fn slot(&self, table: u64, idx: usize) -> u64 {

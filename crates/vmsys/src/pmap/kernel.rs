@@ -600,7 +600,7 @@ impl<P: Platform> PmapSystem<P> {
                     }
                 }
                 Found::Run { table, idx } => {
-                    let n = (g.levels[last].entries - idx).min(count - i);
+                    let n = g.run_len(idx, (count - i) as u64);
                     let old = &mut buf[..n];
                     t.load_run(table, idx, old);
                     let mut valid_replaced = false;

@@ -6,10 +6,10 @@
 //! chunk's worth of idle entries goes back to the frame source.
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::PhysAddr;
-use crate::frames::FrameSource;
+use crate::frames::{FaultInjector, FrameSource};
 use crate::page::{page_flags, PageArray, PvEntry};
 use crate::platform::Platform;
 
@@ -22,10 +22,7 @@ pub const PV_PER_CHUNK: u64 = 168;
 pub(crate) struct PvPool {
     st: spin::Mutex<PoolState>,
     in_use: AtomicU64,
-    /// Fault injection: reservations left before failures begin (negative: none).
-    fail_after: AtomicI64,
-    /// Failures to deliver then (negative: forever).
-    fail_count: AtomicI64,
+    faults: FaultInjector,
 }
 
 struct PoolState {
@@ -41,38 +38,13 @@ impl PvPool {
                 chunks: Vec::new(),
             }),
             in_use: AtomicU64::new(0),
-            fail_after: AtomicI64::new(-1),
-            fail_count: AtomicI64::new(0),
+            faults: FaultInjector::new(),
         }
     }
 
     /// After `after` more successful reservations, fail the next `count` (`None`: all).
     pub fn inject_failures(&self, after: u64, count: Option<u64>) {
-        self.fail_count
-            .store(count.map_or(-1, |c| c as i64), Ordering::SeqCst);
-        self.fail_after.store(after as i64, Ordering::SeqCst);
-    }
-
-    fn injected_failure(&self) -> bool {
-        let left = self.fail_after.load(Ordering::SeqCst);
-        if left < 0 {
-            return false;
-        }
-        if left > 0 {
-            self.fail_after.fetch_sub(1, Ordering::SeqCst);
-            return false;
-        }
-        match self.fail_count.load(Ordering::SeqCst) {
-            c if c < 0 => true,
-            0 => {
-                self.fail_after.store(-1, Ordering::SeqCst);
-                false
-            }
-            _ => {
-                self.fail_count.fetch_sub(1, Ordering::SeqCst);
-                true
-            }
-        }
+        self.faults.arm(after, count);
     }
 
     pub fn in_use(&self) -> u64 {
@@ -92,7 +64,7 @@ impl PvPool {
         pages: &PageArray,
         plat: &P,
     ) -> Result<(), PmapError> {
-        if self.injected_failure() {
+        if self.faults.should_fail() {
             return Err(PmapError::ResourceShortage);
         }
         let mut st = table::lock(&self.st, plat);

@@ -113,8 +113,7 @@ impl<P: Platform> PmapSystem<P> {
                     va = next;
                 }
                 Found::Run { table, idx } => {
-                    let n = ((g.levels[g.last()].entries - idx) as u64).min((eva - va) / PAGE_SIZE)
-                        as usize;
+                    let n = g.run_len(idx, (eva - va) / PAGE_SIZE);
                     self.remove_run(pmap, st, table, va, idx, n, flush);
                     va += n as u64 * PAGE_SIZE;
                 }
@@ -418,8 +417,7 @@ impl<P: Platform> PmapSystem<P> {
                 }
                 Found::Run { table, idx } => {
                     let last = g.last();
-                    let n = ((g.levels[last].entries - idx) as u64).min((eva - va) / PAGE_SIZE)
-                        as usize;
+                    let n = g.run_len(idx, (eva - va) / PAGE_SIZE);
                     let t = self.tables();
                     let mut changed = false;
                     for i in 0..n {
@@ -449,10 +447,7 @@ impl<P: Platform> PmapSystem<P> {
                         let old = t.update(slot, |e| restrict(e, level));
                         let new = restrict(old, level);
                         if new != old {
-                            if self.propagates(pmap, level) {
-                                let idx = ((slot - pmap.root.as_u64()) / g.entry_bytes) as usize;
-                                self.propagate_root_entry(idx, new);
-                            }
+                            self.propagate_slot(pmap, level, slot, new);
                             if g.writable(old) && !g.writable(new) {
                                 self.harvest(old, g.leaf_pa(old, level), span);
                             }
@@ -503,8 +498,7 @@ impl<P: Platform> PmapSystem<P> {
                     va = next;
                 }
                 Found::Run { table, idx } => {
-                    let n = ((g.levels[g.last()].entries - idx) as u64).min((e - va) / PAGE_SIZE)
-                        as usize;
+                    let n = g.run_len(idx, (e - va) / PAGE_SIZE);
                     let t = self.tables();
                     for i in 0..n {
                         let raw = t.load(g.slot(table, idx + i));
@@ -554,8 +548,7 @@ impl<P: Platform> PmapSystem<P> {
                     va = next;
                 }
                 Found::Run { table, idx } => {
-                    let n = ((g.levels[g.last()].entries - idx) as u64).min((e - va) / PAGE_SIZE)
-                        as usize;
+                    let n = g.run_len(idx, (e - va) / PAGE_SIZE);
                     let t = self.tables();
                     for i in 0..n {
                         let sl = g.slot(table, idx + i);
@@ -571,10 +564,7 @@ impl<P: Platform> PmapSystem<P> {
                     let base = va & !(span - 1);
                     if va == base && e - va >= span {
                         let new = unwired(self.tables().update(slot, unwired));
-                        if self.propagates(pmap, level) {
-                            let idx = ((slot - pmap.root.as_u64()) / g.entry_bytes) as usize;
-                            self.propagate_root_entry(idx, new);
-                        }
+                        self.propagate_slot(pmap, level, slot, new);
                         st.wired -= span / PAGE_SIZE;
                         va = base.wrapping_add(span);
                         if va == 0 {

@@ -44,11 +44,17 @@ impl<P: Platform> PmapSystem<P> {
     /// the format shares kernel root entries by propagation. Returns the old value.
     pub(crate) fn set_entry(&self, pmap: &Pmap, level: usize, slot: u64, val: u64) -> u64 {
         let old = self.tables().swap(slot, val);
+        self.propagate_slot(pmap, level, slot, val);
+        old
+    }
+
+    /// After `slot` (an entry at `level` of `pmap`) became `val`: copy it to every pmap where
+    /// the format shares kernel root entries by propagation.
+    pub(crate) fn propagate_slot(&self, pmap: &Pmap, level: usize, slot: u64, val: u64) {
         if self.propagates(pmap, level) {
             let idx = ((slot - pmap.root.as_u64()) / self.geom.entry_bytes) as usize;
             self.propagate_root_entry(idx, val);
         }
-        old
     }
 
     /// Complete `flush` now (break-before-make needs the invalidation before the new entry).
