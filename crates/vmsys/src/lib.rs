@@ -12,7 +12,9 @@ pub mod addr;
 pub mod frames;
 pub mod page;
 pub mod platform;
+pub mod phys;
 pub mod pmap;
+pub mod vmem;
 
 pub use addr::{AddrError, PageSize, PhysAddr, VirtAddr, PAGE_SHIFT, PAGE_SIZE};
 pub use frames::{FrameList, FrameSource};

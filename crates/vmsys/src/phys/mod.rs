@@ -1,0 +1,1 @@
+//! Physical memory: buddy allocator per domain and superpage reservations (issue 4).

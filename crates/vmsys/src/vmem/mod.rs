@@ -1,0 +1,1 @@
+//! vmem: Bonwick's resource arenas (issue 4). Filled in by the vmem work.
