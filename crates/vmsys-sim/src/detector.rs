@@ -121,9 +121,15 @@ impl fmt::Display for Violation {
 /// An open `pt_update_begin` bracket of one CPU.
 #[derive(Default)]
 struct OpenUpdate {
+    /// Open brackets that the detector records (opened while it was on).
     depth: AtomicU32,
     lo: AtomicU64,
     hi: AtomicU64,
+    /// Every open bracket, recorded or not, and which of them are recorded (bit `i` for the
+    /// bracket at nesting level `i`). Only the owning CPU touches these, so plain loads and
+    /// stores suffice: with the detector off a bracket costs no atomic read-modify-write.
+    nest: AtomicU32,
+    recorded: AtomicU64,
 }
 
 /// How many violations are kept in full (all are counted).
@@ -173,8 +179,21 @@ impl Detector {
         self.mode.store(mode.encode(), Ordering::Relaxed);
     }
 
+    /// Open an update bracket on `cpu`. With the detector off it is only counted, so that the
+    /// matching `end` is (a detector switched on while the bracket is open does not excuse
+    /// accesses in its range: switch modes while the machine is quiet).
     pub(crate) fn begin(&self, cpu: CpuId, lo: u64, hi: u64) {
         let o = &self.open[cpu as usize];
+        let nest = o.nest.load(Ordering::Relaxed);
+        assert!(nest < 64, "pt_update_begin nested 64 deep on cpu {cpu}");
+        o.nest.store(nest + 1, Ordering::Relaxed);
+        if self.period() == 0 {
+            return;
+        }
+        o.recorded.store(
+            o.recorded.load(Ordering::Relaxed) | 1 << nest,
+            Ordering::Relaxed,
+        );
         if o.depth.load(Ordering::Relaxed) == 0 {
             o.lo.store(lo, Ordering::Relaxed);
             o.hi.store(hi, Ordering::Relaxed);
@@ -189,6 +208,18 @@ impl Detector {
 
     pub(crate) fn end(&self, cpu: CpuId) {
         let o = &self.open[cpu as usize];
+        let nest = o.nest.load(Ordering::Relaxed);
+        assert!(
+            nest > 0,
+            "pt_update_end on cpu {cpu} without pt_update_begin"
+        );
+        let nest = nest - 1;
+        o.nest.store(nest, Ordering::Relaxed);
+        let recorded = o.recorded.load(Ordering::Relaxed);
+        if recorded & 1 << nest == 0 {
+            return;
+        }
+        o.recorded.store(recorded & !(1 << nest), Ordering::Relaxed);
         let d = o.depth.load(Ordering::Relaxed);
         assert!(d > 0, "pt_update_end on cpu {cpu} without pt_update_begin");
         if d == 1 {
@@ -274,6 +305,43 @@ mod tests {
         assert!(d.excused(0x2000, 0x2001));
         d.end(1);
         assert!(!d.excused(0x2000, 0x2001));
+    }
+
+    #[test]
+    fn brackets_opened_while_off_are_free_and_balance_across_mode_changes() {
+        let d = Detector::new(1, DetectorMode::Off);
+        d.begin(0, 0x1000, 0x2000);
+        assert_eq!(
+            d.any_open.load(Ordering::SeqCst),
+            0,
+            "off: nothing recorded"
+        );
+        d.set_mode(DetectorMode::Every);
+        d.begin(0, 0x8000, 0x9000);
+        assert!(d.excused(0x8000, 0x8001));
+        assert!(
+            !d.excused(0x1000, 0x1001),
+            "the bracket opened while off is not recorded"
+        );
+        d.end(0);
+        assert_eq!(d.any_open.load(Ordering::SeqCst), 0);
+        d.end(0);
+        assert_eq!(d.any_open.load(Ordering::SeqCst), 0);
+        // And the other way round: recorded outer, mode off, unrecorded inner.
+        d.begin(0, 0x1000, 0x2000);
+        d.set_mode(DetectorMode::Off);
+        d.begin(0, 0x5000, 0x6000);
+        d.end(0);
+        assert!(d.excused(0x1000, 0x1001));
+        d.end(0);
+        assert!(!d.excused(0x1000, 0x1001));
+    }
+
+    #[test]
+    #[should_panic(expected = "without pt_update_begin")]
+    fn unbalanced_end_is_caught_even_when_off() {
+        let d = Detector::new(1, DetectorMode::Off);
+        d.end(0);
     }
 
     #[test]

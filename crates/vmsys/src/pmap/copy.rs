@@ -102,9 +102,10 @@ impl<P: Platform> PmapSystem<P> {
                     let last = g.last();
                     let n = g.run_len(idx, (eva - va) / PAGE_SIZE);
                     let mut src_run = [0u64; 1024];
-                    t.load_run(stable, idx, &mut src_run[..n]);
+                    let src_run = &mut src_run[..n];
+                    t.load_run(stable, idx, src_run);
                     let wanted = |e: u64| e != 0 && g.managed(e) && !g.wired(e);
-                    if !src_run[..n].iter().any(|&e| wanted(e)) {
+                    if !src_run.iter().any(|&e| wanted(e)) {
                         va += n as u64 * PAGE_SIZE;
                         continue;
                     }
@@ -118,7 +119,7 @@ impl<P: Platform> PmapSystem<P> {
                     };
                     let mut added = 0u32;
                     let mut stop = false;
-                    for (k, &e) in src_run[..n].iter().enumerate() {
+                    for (k, &e) in src_run.iter().enumerate() {
                         if !wanted(e) {
                             continue;
                         }

@@ -455,57 +455,58 @@ impl<P: Platform> PmapSystem<P> {
         let wired = flags.contains(EnterFlags::WIRED);
         let npages = len / PAGE_SIZE;
         let mut i = 0u64;
-        let mut buf = [0u64; 1024];
-        while i < npages {
-            let done = i * PAGE_SIZE;
-            let cva = va + done;
-            let idx = g.index(cva, last);
-            let n = g.run_len(idx, npages - i);
-            let table = self
-                .table_for_4k(pmap, st, cva, flags | EnterFlags::NOREPLACE, flush)
-                .map_err(|e| (e, done))?;
-            let run = &mut buf[..n];
-            t.load_run(table, idx, run);
-            if let Some(k) = run.iter().position(|&e| e != 0) {
-                self.abort_ptp(pmap, cva, last, table, flush);
-                return Err((
-                    PmapError::ExistingMapping(VirtAddr::new(cva + k as u64 * PAGE_SIZE)),
-                    done,
-                ));
-            }
-            if managed {
-                if let Err(e) = self.pv_reserve(n as u64) {
+        table::with_scratch(npages.min(1024) as usize, |buf| {
+            while i < npages {
+                let done = i * PAGE_SIZE;
+                let cva = va + done;
+                let idx = g.index(cva, last);
+                let n = g.run_len(idx, npages - i);
+                let table = self
+                    .table_for_4k(pmap, st, cva, flags | EnterFlags::NOREPLACE, flush)
+                    .map_err(|e| (e, done))?;
+                let run = &mut buf[..n];
+                t.load_run(table, idx, run);
+                if let Some(k) = run.iter().position(|&e| e != 0) {
                     self.abort_ptp(pmap, cva, last, table, flush);
-                    return Err((e, done));
+                    return Err((
+                        PmapError::ExistingMapping(VirtAddr::new(cva + k as u64 * PAGE_SIZE)),
+                        done,
+                    ));
                 }
-                for k in 0..n as u64 {
-                    self.pv_link(
-                        frame(i + k),
-                        PvEntry {
-                            pmap: pmap.id,
-                            va: cva + k * PAGE_SIZE,
-                            level: last as u8,
-                        },
-                    );
+                if managed {
+                    if let Err(e) = self.pv_reserve(n as u64) {
+                        self.abort_ptp(pmap, cva, last, table, flush);
+                        return Err((e, done));
+                    }
+                    for k in 0..n as u64 {
+                        self.pv_link(
+                            frame(i + k),
+                            PvEntry {
+                                pmap: pmap.id,
+                                va: cva + k * PAGE_SIZE,
+                                level: last as u8,
+                            },
+                        );
+                    }
                 }
+                for (k, v) in run.iter_mut().enumerate() {
+                    *v = tmpl | frame(i + k as u64);
+                }
+                t.store_run(table, idx, run);
+                if !pmap.kernel {
+                    // The hold becomes one of the n entries.
+                    self.ptp_ref(table, n as u32 - 1);
+                }
+                st.resident += n as u64;
+                if wired {
+                    st.wired += n as u64;
+                }
+                if !flags.contains(EnterFlags::NO_PROMOTE) {
+                    self.maybe_promote(pmap, st, cva, table, flush);
+                }
+                i += n as u64;
             }
-            for (k, v) in run.iter_mut().enumerate() {
-                *v = tmpl | frame(i + k as u64);
-            }
-            t.store_run(table, idx, run);
-            if !pmap.kernel {
-                // The hold becomes one of the n entries.
-                self.ptp_ref(table, n as u32 - 1);
-            }
-            st.resident += n as u64;
-            if wired {
-                st.wired += n as u64;
-            }
-            if !flags.contains(EnterFlags::NO_PROMOTE) {
-                self.maybe_promote(pmap, st, cva, table, flush);
-            }
-            i += n as u64;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }

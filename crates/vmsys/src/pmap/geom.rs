@@ -21,7 +21,14 @@ pub struct LevelGeom {
     pub table_addr: u64,
     pub leaf: Option<Pattern>,
     pub leaf_addr: u64,
+    /// `table` and `leaf` as patterns that never match when absent, so the hot-path tests are
+    /// one AND and one compare.
+    table_pat: Pattern,
+    leaf_pat: Pattern,
 }
+
+/// Matches no entry (`raw & 0` is never 1).
+const NEVER: Pattern = Pattern::new(0, 1);
 
 /// A format, precomputed.
 #[derive(Debug)]
@@ -55,6 +62,8 @@ impl Geometry {
             table_addr: 0,
             leaf: None,
             leaf_addr: 0,
+            table_pat: NEVER,
+            leaf_pat: NEVER,
         };
         let mut levels = [empty; MAX_LEVELS];
         for (i, l) in fmt.levels.iter().enumerate() {
@@ -66,6 +75,8 @@ impl Geometry {
                 table_addr: l.table.map_or(0, |t| t.addr_mask),
                 leaf: l.leaf.map(|d| d.pattern),
                 leaf_addr: l.leaf.map_or(0, |d| d.addr_mask),
+                table_pat: l.table.map_or(NEVER, |t| t.pattern),
+                leaf_pat: l.leaf.map_or(NEVER, |d| d.pattern),
             };
         }
         let nlevels = fmt.levels.len();
@@ -125,13 +136,20 @@ impl Geometry {
     /// The entry points to a table. The pmap stores every invalid entry as 0.
     #[inline]
     pub fn is_table(&self, raw: u64, level: usize) -> bool {
-        self.levels[level].table.is_some_and(|p| p.matches(raw))
+        self.levels[level].table_pat.matches(raw)
     }
 
     /// The entry is a leaf (a page or a superpage).
     #[inline]
     pub fn is_leaf(&self, raw: u64, level: usize) -> bool {
-        self.levels[level].leaf.is_some_and(|p| p.matches(raw)) && !self.is_table(raw, level)
+        self.levels[level].leaf_pat.matches(raw) && !self.is_table(raw, level)
+    }
+
+    /// `is_leaf` for an entry already known not to be a table.
+    #[inline]
+    pub fn is_leaf_not_table(&self, raw: u64, level: usize) -> bool {
+        debug_assert!(!self.is_table(raw, level));
+        self.levels[level].leaf_pat.matches(raw)
     }
 
     #[inline]

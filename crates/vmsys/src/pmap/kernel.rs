@@ -579,7 +579,6 @@ impl<P: Platform> PmapSystem<P> {
         self.plat
             .pt_update_begin(VirtAddr::new(va), VirtAddr::new(end));
         let mut i = 0usize;
-        let mut buf = [0u64; 1024];
         let mut result = Ok(());
         while i < count {
             let cva = va + i as u64 * PAGE_SIZE;
@@ -601,42 +600,43 @@ impl<P: Platform> PmapSystem<P> {
                 }
                 Found::Run { table, idx } => {
                     let n = g.run_len(idx, (count - i) as u64);
-                    let old = &mut buf[..n];
-                    t.load_run(table, idx, old);
-                    let mut valid_replaced = false;
-                    let mut new = [0u64; 1024];
-                    for k in 0..n {
-                        new[k] = val(i + k);
-                        if old[k] != 0 {
-                            debug_assert!(
-                                !g.managed(old[k]),
-                                "{what} over a managed mapping at {:#x}",
-                                cva + k as u64 * PAGE_SIZE
-                            );
-                            if old[k] != new[k] {
-                                valid_replaced = true;
+                    table::with_scratch(2 * n, |buf| {
+                        let (old, new) = buf.split_at_mut(n);
+                        t.load_run(table, idx, old);
+                        let mut valid_replaced = false;
+                        for k in 0..n {
+                            new[k] = val(i + k);
+                            if old[k] != 0 {
+                                debug_assert!(
+                                    !g.managed(old[k]),
+                                    "{what} over a managed mapping at {:#x}",
+                                    cva + k as u64 * PAGE_SIZE
+                                );
+                                if old[k] != new[k] {
+                                    valid_replaced = true;
+                                }
+                            }
+                            if old[k] != 0 && g.is_leaf(old[k], last) {
+                                st.resident -= 1;
+                            }
+                            if new[k] != 0 {
+                                st.resident += 1;
                             }
                         }
-                        if old[k] != 0 && g.is_leaf(old[k], last) {
-                            st.resident -= 1;
+                        if valid_replaced
+                            && g.fmt.tlb.break_before_make
+                            && new.iter().any(|&v| v != 0)
+                        {
+                            // arm64: valid -> other valid needs the entry invalid and flushed first.
+                            t.store_run(table, idx, &table::ZEROS[..n]);
+                            flush.add(cva, n as u64 * PAGE_SIZE);
+                            self.complete_now(k, &mut flush);
                         }
-                        if new[k] != 0 {
-                            st.resident += 1;
+                        t.store_run(table, idx, new);
+                        if valid_replaced {
+                            flush.add(cva, n as u64 * PAGE_SIZE);
                         }
-                    }
-                    if valid_replaced
-                        && g.fmt.tlb.break_before_make
-                        && new[..n].iter().any(|&v| v != 0)
-                    {
-                        // arm64: valid -> other valid needs the entry invalid and flushed first.
-                        t.store_run(table, idx, &table::ZEROS[..n]);
-                        flush.add(cva, n as u64 * PAGE_SIZE);
-                        self.complete_now(k, &mut flush);
-                    }
-                    t.store_run(table, idx, &new[..n]);
-                    if valid_replaced {
-                        flush.add(cva, n as u64 * PAGE_SIZE);
-                    }
+                    });
                     i += n;
                 }
             }

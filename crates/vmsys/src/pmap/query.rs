@@ -42,14 +42,15 @@ impl<P: Platform> PmapSystem<P> {
         let mut table = pmap.root.as_u64();
         for lvl in 0..g.nlevels {
             let raw = t.load(g.slot(table, g.index(va, lvl)));
-            if g.is_leaf(raw, lvl) {
+            if g.is_table(raw, lvl) {
+                table = g.table_pa(raw, lvl);
+                continue;
+            }
+            if g.is_leaf_not_table(raw, lvl) {
                 let span = g.levels[lvl].span;
                 return Some(PhysAddr::new(g.leaf_pa(raw, lvl) | (va & (span - 1))));
             }
-            if !g.is_table(raw, lvl) {
-                return None;
-            }
-            table = g.table_pa(raw, lvl);
+            return None;
         }
         None
     }

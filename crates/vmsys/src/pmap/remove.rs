@@ -158,51 +158,64 @@ impl<P: Platform> PmapSystem<P> {
         n: usize,
         flush: &mut Flush,
     ) {
+        table::with_scratch(n, |old| {
+            self.remove_run_in(pmap, st, table, va, idx, old, flush)
+        })
+    }
+
+    /// `remove_run` with a scratch buffer of the run's length.
+    #[allow(clippy::too_many_arguments)]
+    fn remove_run_in(
+        &self,
+        pmap: &Pmap,
+        st: &mut PmapState,
+        table: u64,
+        va: u64,
+        idx: usize,
+        old: &mut [u64],
+        flush: &mut Flush,
+    ) {
         let g = &self.geom;
         let t = self.tables();
         let last = g.last();
-        let mut buf = [0u64; 1024];
-        let old = &mut buf[..n];
+        let n = old.len();
         t.load_run(table, idx, old);
-        let mut any_managed = false;
-        let mut valid = 0u32;
+        // One branch-free pass counts what goes (PT-1: a non-zero last-level entry is a leaf).
+        let (mut valid, mut wired, mut any_managed) = (0u32, 0u64, false);
         for &e in old.iter() {
-            if e != 0 {
-                valid += 1;
-                any_managed |= g.managed(e);
-            }
+            valid += (e != 0) as u32;
+            wired += g.wired(e) as u64;
+            any_managed |= g.managed(e);
         }
+        debug_assert!(
+            old.iter().all(|&e| e == 0 || g.is_leaf(e, last)),
+            "PT-1: a non-zero last-level entry that is not a leaf in table {table:#x}"
+        );
         if valid == 0 {
             return;
         }
+        st.resident -= valid as u64;
+        st.wired -= wired;
         if any_managed {
             // Exchange, so that an A/D update by another CPU's MMU is not lost.
             old.iter_mut().for_each(|e| *e = 0);
             t.swap_run(table, idx, old);
+            for (i, &e) in old.iter().enumerate() {
+                if g.managed(e) {
+                    let pa = g.leaf_pa(e, last);
+                    self.harvest(e, pa, PAGE_SIZE);
+                    self.pv_remove(
+                        pa,
+                        PvEntry {
+                            pmap: pmap.id,
+                            va: va + i as u64 * PAGE_SIZE,
+                            level: last as u8,
+                        },
+                    );
+                }
+            }
         } else {
             t.store_run(table, idx, &table::ZEROS[..n]);
-        }
-        for (i, &e) in old.iter().enumerate() {
-            if !g.is_leaf(e, last) {
-                continue;
-            }
-            let eva = va + i as u64 * PAGE_SIZE;
-            st.resident -= 1;
-            if g.wired(e) {
-                st.wired -= 1;
-            }
-            if g.managed(e) {
-                let pa = g.leaf_pa(e, last);
-                self.harvest(e, pa, PAGE_SIZE);
-                self.pv_remove(
-                    pa,
-                    PvEntry {
-                        pmap: pmap.id,
-                        va: eva,
-                        level: last as u8,
-                    },
-                );
-            }
         }
         flush.add(va, n as u64 * PAGE_SIZE);
         self.ptp_unref(pmap, va, last, table, valid, flush);

@@ -21,6 +21,7 @@ use crate::addr::{PhysAddr, PAGE_SIZE};
 use crate::page::{page_flags, PvEntry};
 use crate::platform::Platform;
 
+use super::table;
 use super::tlb::Flush;
 use super::{Pmap, PmapError, PmapState, PmapStats, PmapSystem};
 
@@ -254,11 +255,12 @@ impl<P: Platform> PmapSystem<P> {
         }
         let fill = |from: u64| {
             let tmpl = g.reencode_leaf(from, level, child, pa0, |f| f - PteFlags::PROMOTED_SW);
-            let mut vals = [0u64; 1024];
-            for (i, v) in vals[..n].iter_mut().enumerate() {
-                *v = tmpl + i as u64 * cspan;
-            }
-            t.store_run(pt.as_u64(), 0, &vals[..n]);
+            table::with_scratch(n, |vals| {
+                for (i, v) in vals.iter_mut().enumerate() {
+                    *v = tmpl + i as u64 * cspan;
+                }
+                t.store_run(pt.as_u64(), 0, vals);
+            });
         };
         let meta = self.pages.meta(pt);
         meta.clear_flags(page_flags::SAVED_PTP);

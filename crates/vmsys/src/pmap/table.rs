@@ -24,6 +24,25 @@ pub(crate) fn lock<'a, T, P: Platform + ?Sized>(
 /// Zeros for clearing a run of entries without building a buffer.
 pub(crate) static ZEROS: [u64; 1024] = [0; 1024];
 
+/// Run `f` on a zeroed scratch buffer of `n` words (up to two tables' worth), clearing only a
+/// buffer of about that size: a one-page operation must not pay for zeroing 8 KiB of stack.
+#[inline]
+pub(crate) fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [u64]) -> R) -> R {
+    if n <= 16 {
+        let mut b = [0u64; 16];
+        f(&mut b[..n])
+    } else if n <= 128 {
+        let mut b = [0u64; 128];
+        f(&mut b[..n])
+    } else if n <= 512 {
+        let mut b = [0u64; 512];
+        f(&mut b[..n])
+    } else {
+        let mut b = [0u64; 2048];
+        f(&mut b[..n])
+    }
+}
+
 /// Entry access for one format.
 pub(crate) struct Tables<'a, P: Platform> {
     pub plat: &'a P,
