@@ -957,6 +957,31 @@ impl Platform for Machine {
         *self.fault_handler.write() = Some(handler);
     }
 
+    fn kernel_translate(&self, va: VirtAddr, access: AccessKind) -> Result<PhysAddr, Fault> {
+        let me = self.id();
+        let (id, state) = BOUND
+            .with(|b| {
+                b.borrow()
+                    .last()
+                    .filter(|x| x.machine == me)
+                    .map(|x| (x.cpu, x.state))
+            })
+            .expect("kernel access: not running on a cpu of this machine");
+        // The handle `run_on` would give: the thread holds this CPU's lock (in BOUND) for longer
+        // than the handle lives, and the handle is used only here, on this thread.
+        let c = Cpu {
+            m: self,
+            id,
+            shared: &self.cpus[id as usize],
+            state,
+        };
+        // Kernel code runs in supervisor mode, whatever the CPU was doing for its caller.
+        let was_user = self.with_state(|st| std::mem::replace(&mut st.user, false));
+        let r = c.translate(va.as_u64(), access);
+        self.with_state(|st| st.user = was_user);
+        r.map(PhysAddr::new)
+    }
+
     fn pt_update_begin(&self, start: VirtAddr, end: VirtAddr) {
         self.detector
             .begin(self.current_cpu(), start.as_u64(), end.as_u64());

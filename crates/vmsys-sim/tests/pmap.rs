@@ -913,6 +913,49 @@ fn tag_recycling(f: FormatId) {
     e.audit();
 }
 
+/// arm64 without hardware access-flag management: an entry whose AF `ts_referenced` cleared
+/// faults on the next access; the pmap's fault handler sets AF and the access is retried. Without
+/// the handler the fault reaches the caller.
+#[test]
+fn arm64_software_access_flag_is_set_by_the_pmap_fault_handler() {
+    let e = env_on(
+        machine_config(FormatId::Arm64, 1).arm64_software_af(),
+        PmapConfig::default(),
+    );
+    let p = e.sys.create().unwrap();
+    let v = e.uva(PAGE, 1);
+    let f = frame(PAGE, 3);
+    e.m.run_on(0, |c| {
+        e.sys.activate(&p);
+        e.sys
+            .enter(&p, va(v), pa(f), Prot::USER, EnterFlags::MANAGED, 0)
+            .unwrap();
+        c.set_user(true);
+        assert!(c.read_u64(v).is_ok(), "a fresh entry has AF set");
+        assert_eq!(e.sys.ts_referenced(pa(f)), 1);
+        let err = c.read_u64(v).unwrap_err();
+        assert!(
+            matches!(err.reason, vmsys::platform::FaultReason::AccessFlag { .. }),
+            "{err}"
+        );
+        e.sys.install_fault_handler();
+        assert!(c.read_u64(v).is_ok(), "the pmap sets AF and retries");
+        c.set_user(false);
+        assert_eq!(e.sys.stats().access_flag_faults, 1);
+        assert_eq!(
+            e.sys.ts_referenced(pa(f)),
+            1,
+            "the retried access referenced it"
+        );
+        // A real violation is still delivered: a user write to a read-only page.
+        c.set_user(true);
+        assert!(c.write_u64(v, 1).is_err());
+        c.set_user(false);
+        e.sys.remove(&p, va(v), va(v + PAGE)).unwrap();
+    });
+    e.audit();
+}
+
 for_each_format! {
     enter_access_remove_ => crate::enter_access_remove;
     bad_input_ => crate::bad_input_is_an_error;

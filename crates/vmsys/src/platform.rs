@@ -333,6 +333,53 @@ pub trait Platform: Send + Sync {
     /// Install the kernel's page-fault handler.
     fn set_fault_handler(&self, handler: FaultHandler);
 
+    /// Translate `va` for a supervisor access of kind `access` by the current CPU, through its
+    /// MMU exactly as a kernel dereferencing a pointer would: TLB, page tables, faults to the
+    /// fault handler. The `kernel_*` methods below are built on it; on real hardware they would
+    /// be overridden by plain pointer accesses.
+    fn kernel_translate(&self, va: VirtAddr, access: AccessKind) -> Result<PhysAddr, Fault>;
+
+    /// Zero `len` bytes of kernel virtual memory (through the current CPU's translations).
+    fn kernel_zero(&self, va: VirtAddr, len: u64) -> Result<(), Fault> {
+        for_each_page(va, len, |va, _, n| {
+            let pa = self.kernel_translate(va, AccessKind::Write)?;
+            self.phys_zero(pa, n);
+            Ok(())
+        })
+    }
+
+    /// Copy `len` bytes between kernel virtual addresses.
+    fn kernel_copy(&self, src: VirtAddr, dst: VirtAddr, len: u64) -> Result<(), Fault> {
+        // Page by page of the destination, split again where the source crosses a page.
+        for_each_page(dst, len, |d, off, n| {
+            for_each_page(VirtAddr::new(src.as_u64() + off), n, |s, off2, m| {
+                let spa = self.kernel_translate(s, AccessKind::Read)?;
+                let dpa =
+                    self.kernel_translate(VirtAddr::new(d.as_u64() + off2), AccessKind::Write)?;
+                self.phys_copy(spa, dpa, m);
+                Ok(())
+            })
+        })
+    }
+
+    /// Read kernel virtual memory.
+    fn kernel_read(&self, va: VirtAddr, buf: &mut [u8]) -> Result<(), Fault> {
+        for_each_page(va, buf.len() as u64, |va, off, n| {
+            let pa = self.kernel_translate(va, AccessKind::Read)?;
+            self.phys_read(pa, &mut buf[off as usize..(off + n) as usize]);
+            Ok(())
+        })
+    }
+
+    /// Write kernel virtual memory.
+    fn kernel_write(&self, va: VirtAddr, buf: &[u8]) -> Result<(), Fault> {
+        for_each_page(va, buf.len() as u64, |va, off, n| {
+            let pa = self.kernel_translate(va, AccessKind::Write)?;
+            self.phys_write(pa, &buf[off as usize..(off + n) as usize]);
+            Ok(())
+        })
+    }
+
     /// Debug annotation: the caller begins changing the translations of `[start, end)`.
     /// Until the matching [`Platform::pt_update_end`], a stale translation in that range is
     /// expected and not a violation. No-op on real hardware.
@@ -340,6 +387,22 @@ pub trait Platform: Send + Sync {
     /// Debug annotation: the change begun by [`Platform::pt_update_begin`] is complete, its
     /// invalidations included.
     fn pt_update_end(&self) {}
+}
+
+/// Call `f(va, offset, len)` for each piece of `[va, va + len)` that lies inside one 4 KiB page.
+fn for_each_page(
+    va: VirtAddr,
+    len: u64,
+    mut f: impl FnMut(VirtAddr, u64, u64) -> Result<(), Fault>,
+) -> Result<(), Fault> {
+    let mut off = 0;
+    while off < len {
+        let a = va.as_u64() + off;
+        let n = (crate::addr::PAGE_SIZE - (a & (crate::addr::PAGE_SIZE - 1))).min(len - off);
+        f(VirtAddr::new(a), off, n)?;
+        off += n;
+    }
+    Ok(())
 }
 
 /// Debug check of the precondition of the `pt_*_run64` methods: `words` 8-byte words from `pa`
@@ -492,6 +555,48 @@ mod tests {
         }
         fn interrupt_point(&self) {}
         fn set_fault_handler(&self, _: FaultHandler) {}
+        /// Kernel VA `0x1000..0x2000` maps the page; nothing else is mapped.
+        fn kernel_translate(&self, va: VirtAddr, access: AccessKind) -> Result<PhysAddr, Fault> {
+            if (0x1000..0x2000).contains(&va.as_u64()) {
+                Ok(PhysAddr::new(va.as_u64() - 0x1000))
+            } else {
+                Err(Fault {
+                    cpu: 0,
+                    va,
+                    access,
+                    user: false,
+                    reason: FaultReason::NotPresent { level: 0 },
+                })
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_accesses_go_through_the_translation_page_by_page() {
+        let p = one_page();
+        let data: Vec<u8> = (1..=20).collect();
+        p.kernel_write(VirtAddr::new(0x1010), &data).unwrap();
+        let mut back = [0u8; 20];
+        p.phys_read(PhysAddr::new(0x10), &mut back);
+        assert_eq!(back[..], data[..]);
+        p.kernel_copy(VirtAddr::new(0x1010), VirtAddr::new(0x1ff0), 20)
+            .unwrap_err();
+        p.kernel_copy(VirtAddr::new(0x1010), VirtAddr::new(0x1100), 20)
+            .unwrap();
+        let mut back = [0u8; 20];
+        p.kernel_read(VirtAddr::new(0x1100), &mut back).unwrap();
+        assert_eq!(back[..], data[..]);
+        p.kernel_zero(VirtAddr::new(0x1100), 10).unwrap();
+        p.kernel_read(VirtAddr::new(0x1100), &mut back).unwrap();
+        assert_eq!(back[..10], [0; 10]);
+        assert_eq!(back[10..], data[10..]);
+        let err = p.kernel_write(VirtAddr::new(0x1ff8), &data).unwrap_err();
+        assert_eq!(
+            err.va,
+            VirtAddr::new(0x2000),
+            "the fault names the unmapped page"
+        );
+        assert_eq!(err.access, AccessKind::Write);
     }
 
     fn one_page() -> OnePage {

@@ -184,14 +184,22 @@ pub fn env(f: FormatId, cpus: u32) -> Env {
 }
 
 pub fn env_with(f: FormatId, cpus: u32, cfg: vmsys::PmapConfig) -> Env {
-    // The direct map covers the first 512 MiB, so that frames above it take the quick-map slot.
-    let m = machine_with(
-        MachineConfig::new(f)
-            .cpus(cpus)
-            .mem(1 << 30)
-            .direct_map_limit(512 << 20)
-            .detector(DetectorMode::Every),
-    );
+    env_on(machine_config(f, cpus), cfg)
+}
+
+/// The machine of `env`: 1 GiB, the direct map over the first 512 MiB (so that frames above
+/// it take the quick-map slot), the detector on every access.
+pub fn machine_config(f: FormatId, cpus: u32) -> MachineConfig {
+    MachineConfig::new(f)
+        .cpus(cpus)
+        .mem(1 << 30)
+        .direct_map_limit(512 << 20)
+        .detector(DetectorMode::Every)
+}
+
+pub fn env_on(mcfg: MachineConfig, cfg: vmsys::PmapConfig) -> Env {
+    let cpus = mcfg.cpus;
+    let m = machine_with(mcfg);
     let frames = Arc::new(vmsys::FrameList::new(
         PhysAddr::new(PT_POOL.0),
         PhysAddr::new(PT_POOL.1),

@@ -17,6 +17,7 @@
 //! | `kernel` | the kernel pmap: bootstrap, `growkernel`, `kenter`, `qenter`, page-table sync |
 //! | `query` | `extract`, `is_modified`, `clear_modify`, `ts_referenced`, `remove_write`, ... |
 //! | `copy` | `copy` (fork) |
+//! | `fault` | faults the tables already resolve: software access flag, a change in flight |
 //! | `quick` | per-CPU quick mappings |
 //! | `audit` | the full invariant audit that tests call |
 //!
@@ -29,6 +30,7 @@ mod audit;
 mod copy;
 mod enter;
 mod error;
+mod fault;
 pub mod geom;
 mod kernel;
 mod ptp;
@@ -133,6 +135,10 @@ pub struct PmapStats {
     pub ptps_allocated: AtomicU64,
     pub ptps_freed: AtomicU64,
     pub tag_rollovers: AtomicU64,
+    /// Faults resolved by setting a software-managed access flag (arm64 without HA).
+    pub access_flag_faults: AtomicU64,
+    /// Faults that the tables already allowed when the pmap looked (a change in flight).
+    pub spurious_faults: AtomicU64,
 }
 
 /// A snapshot of [`PmapStats`].
@@ -148,6 +154,8 @@ pub struct StatsSnapshot {
     pub ptps_allocated: u64,
     pub ptps_freed: u64,
     pub tag_rollovers: u64,
+    pub access_flag_faults: u64,
+    pub spurious_faults: u64,
 }
 
 impl PmapStats {
@@ -167,6 +175,8 @@ impl PmapStats {
             ptps_allocated: l(&self.ptps_allocated),
             ptps_freed: l(&self.ptps_freed),
             tag_rollovers: l(&self.tag_rollovers),
+            access_flag_faults: l(&self.access_flag_faults),
+            spurious_faults: l(&self.spurious_faults),
         }
     }
 }
