@@ -152,7 +152,7 @@ fn run_cpu(
     seed: u64,
     ops: u32,
 ) -> BTreeMap<u64, Own> {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ (cpu as u64 + 1) * 0x9e37_79b9);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ ((cpu as u64 + 1) * 0x9e37_79b9));
     let mut own: BTreeMap<u64, Own> = BTreeMap::new();
     let mine: Vec<u64> = (cpu as u64..lay.shared_pages)
         .step_by(CPUS as usize)
