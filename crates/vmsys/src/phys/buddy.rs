@@ -693,11 +693,11 @@ impl BuddyAllocator {
                     if pfn + (1 << k) > seg.end_pfn {
                         return Err(format!("free block {pa} of order {k} leaves its segment"));
                     }
-                    for j in idx..idx + (1 << k) {
-                        if free[j] {
+                    for (j, f) in free.iter_mut().enumerate().skip(idx).take(1 << k) {
+                        if *f {
                             return Err(format!("free blocks overlap at {}", self.pages.pa_of(j)));
                         }
-                        free[j] = true;
+                        *f = true;
                         if self.pages.page(j).owner().is_some()
                             || self.pages.page(j).wire_count() != 0
                         {
@@ -760,8 +760,8 @@ impl BuddyAllocator {
                         if !pfn.is_multiple_of(1 << k) || pfn + (1 << k) > seg.end_pfn {
                             return Err(format!("allocated block {pa} of order {k} misplaced"));
                         }
-                        for j in idx + 1..idx + (1 << k) {
-                            if free[j] || self.pages.page(j).buddy_state() != BuddyState::Interior {
+                        for (j, &f) in free.iter().enumerate().skip(idx + 1).take((1 << k) - 1) {
+                            if f || self.pages.page(j).buddy_state() != BuddyState::Interior {
                                 return Err(format!(
                                     "frame {} inside allocated block {pa} is free or a head",
                                     self.pages.pa_of(j)

@@ -239,10 +239,11 @@ impl ReservSystem {
     }
 
     /// A frame for page `pindex` of `object`, from the object's reservation for the aligned
-    /// range holding `pindex` (made now from a free block of `domain` if there is none). Under
-    /// memory pressure, partially populated reservations are broken, least recently changed
-    /// first, until a block can be had; failing that, a plain frame is returned. The frame's
-    /// record names the object and page index.
+    /// range holding `pindex` (made now from a free block of `domain` if there is none). If no
+    /// block is free, a plain frame; if none is free either, partially populated reservations
+    /// are broken, least recently changed first, until one is. The frame's record names the
+    /// object and page index. `NoMemory` when every domain allowed (the buddy's policy) is
+    /// exhausted and has no partial reservation left.
     pub fn alloc_page(
         &self,
         object: ObjectId,
@@ -268,50 +269,43 @@ impl ReservSystem {
             self.populate(&mut st, base, i, object, pindex);
             return Ok(Self::pa(base + i as u64));
         }
-        // A new reservation: a block of the reservation's order, breaking partial ones if
-        // memory is short.
-        let block = loop {
-            if let Some(pa) = self.buddy.alloc_nofault(domain, self.order) {
-                break Some(pa);
-            }
-            if !self.break_lru_one(&mut st, domain) {
-                break None;
-            }
-        };
-        match block {
-            Some(pa) => {
-                let base = pa.as_u64() >> PAGE_SHIFT;
-                let dom = self.page(base).domain();
-                st.by_base.insert(
-                    base,
-                    Reservation {
-                        base_pfn: base,
-                        domain: dom,
-                        object,
-                        first,
-                        popmap: alloc::vec![0; (n as usize).div_ceil(64)],
-                        popcnt: 0,
-                        lru: None,
-                    },
-                );
-                st.by_object.insert((object, first), base);
-                st.stats.active += 1;
-                st.stats.created += 1;
-                self.populate(&mut st, base, i, object, pindex);
-                Ok(Self::pa(base + i as u64))
-            }
-            None => {
-                // Every partial reservation that could be broken is broken: a plain frame.
-                let pa = self
-                    .buddy
-                    .alloc_nofault(domain, 0)
-                    .ok_or(ReservError::NoMemory)?;
+        // A new reservation, if a block of the reservation's order is free.
+        if let Some(pa) = self.buddy.alloc_nofault(domain, self.order) {
+            let base = pa.as_u64() >> PAGE_SHIFT;
+            let dom = self.page(base).domain();
+            st.by_base.insert(
+                base,
+                Reservation {
+                    base_pfn: base,
+                    domain: dom,
+                    object,
+                    first,
+                    popmap: alloc::vec![0; (n as usize).div_ceil(64)],
+                    popcnt: 0,
+                    lru: None,
+                },
+            );
+            st.by_object.insert((object, first), base);
+            st.stats.active += 1;
+            st.stats.created += 1;
+            self.populate(&mut st, base, i, object, pindex);
+            return Ok(Self::pa(base + i as u64));
+        }
+        // A plain frame; under pressure, break partially populated reservations (least
+        // recently changed first, one at a time) to recover their unpopulated frames. Breaking
+        // can never yield a block for a new reservation (a broken block keeps a populated
+        // frame), so it only serves this path.
+        loop {
+            if let Some(pa) = self.buddy.alloc_nofault(domain, 0) {
                 self.buddy
                     .pages()
                     .meta(pa)
                     .set_owner(Some((object, pindex)));
                 st.stats.fallback_pages += 1;
-                Ok(pa)
+                return Ok(pa);
+            }
+            if !self.break_lru_one(&mut st, domain) {
+                return Err(ReservError::NoMemory);
             }
         }
     }
