@@ -537,6 +537,12 @@ enum Op {
     ResFree {
         pick: usize,
     },
+    ResRange {
+        obj: u64,
+        range: u64,
+        step: u64,
+        domain: usize,
+    },
     Break {
         pick: usize,
     },
@@ -564,6 +570,7 @@ fn op() -> impl Strategy<Value = Op> {
         ),
         6 => (0..4u64, 0..32u64, 0..3usize).prop_map(|(obj, pindex, domain)| Op::ResAlloc { obj, pindex, domain }),
         4 => any::<usize>().prop_map(|pick| Op::ResFree { pick }),
+        1 => (0..4u64, 0..4u64, 0..8u64, 0..2usize).prop_map(|(obj, range, step, domain)| Op::ResRange { obj, range, step, domain }),
         1 => any::<usize>().prop_map(|pick| Op::Break { pick }),
         1 => (0..4u64).prop_map(|obj| Op::ObjectGone { obj }),
         1 => any::<bool>().prop_map(|strict| Op::Policy { strict }),
@@ -615,6 +622,67 @@ const SEGS: [(u64, u64, u8); 3] = [
     (0x103000, 0x180000, 1), // 509 frames, odd start
     (0x180000, 0x1c0000, 0), // 64 frames, adjacent to domain 1's segment
 ];
+
+/// One reservation-system allocation, checked against the model.
+fn res_alloc(
+    r: &ReservSystem,
+    m: &mut Model,
+    obj: u64,
+    pindex: u64,
+    domain: usize,
+) -> Result<(), TestCaseError> {
+    let b = r.buddy();
+    let n = r.npages();
+    if m.res.contains_key(&(obj, pindex)) {
+        // Populated in its reservation: refused; an ordinary page: the caller's bug,
+        // not exercised.
+        let p = m.res[&(obj, pindex)];
+        if r.reservation_of(pa(p)).is_some() {
+            prop_assert_eq!(
+                r.alloc_page(ObjectId(obj), pindex, domain),
+                Err(ReservError::AlreadyPopulated {
+                    object: ObjectId(obj),
+                    pindex,
+                    pa: pa(p)
+                })
+            );
+        }
+        return Ok(());
+    }
+    let existing = r.reservation_for(ObjectId(obj), pindex);
+    match r.alloc_page(ObjectId(obj), pindex, domain) {
+        Ok(p) => {
+            if let Some(info) = existing {
+                prop_assert_eq!(p, info.base + (pindex - info.first_pindex) * PAGE_SIZE);
+            }
+            if let Some(info) = r.reservation_of(p) {
+                prop_assert_eq!(info.object, ObjectId(obj));
+                prop_assert_eq!(info.first_pindex, pindex & !(n - 1));
+                prop_assert_eq!(p, info.base + (pindex % n) * PAGE_SIZE);
+            }
+            prop_assert_eq!(b.pages().meta(p).owner(), Some((ObjectId(obj), pindex)));
+            m.take(p.as_u64(), 1);
+            m.res.insert((obj, pindex), p.as_u64());
+        }
+        Err(ReservError::NoMemory) => {
+            prop_assert!(existing.is_none());
+            let doms: Vec<usize> = match b.policy() {
+                DomainPolicy::Strict if domain >= 2 => vec![],
+                DomainPolicy::Strict => vec![domain],
+                DomainPolicy::Prefer => vec![0, 1],
+            };
+            for d in doms {
+                prop_assert_eq!(b.free_pages(d), 0);
+                prop_assert!(
+                    r.lru(d).is_empty(),
+                    "NoMemory with partial reservations left"
+                );
+            }
+        }
+        Err(e) => prop_assert!(false, "unexpected {e}"),
+    }
+    Ok(())
+}
 
 fn run(ops: Vec<Op>, rorder: usize) -> Result<(), TestCaseError> {
     let segs: Vec<_> = SEGS.iter().map(|&(s, e, d)| seg(s, e, d)).collect();
@@ -738,57 +806,31 @@ fn run(ops: Vec<Op>, rorder: usize) -> Result<(), TestCaseError> {
                 obj,
                 pindex,
                 domain,
+            } => res_alloc(&r, &mut m, obj, pindex, domain)?,
+            Op::ResRange {
+                obj,
+                range,
+                step,
+                domain,
             } => {
-                if m.res.contains_key(&(obj, pindex)) {
-                    // Populated in its reservation: refused; an ordinary page: the caller's bug,
-                    // not exercised.
-                    let p = m.res[&(obj, pindex)];
-                    if r.reservation_of(pa(p)).is_some() {
-                        prop_assert_eq!(
-                            r.alloc_page(ObjectId(obj), pindex, domain),
-                            Err(ReservError::AlreadyPopulated {
-                                object: ObjectId(obj),
-                                pindex,
-                                pa: pa(p)
-                            })
-                        );
-                    }
-                    continue;
+                // Every page of one reservation range, in a scrambled order.
+                let first = range * n;
+                let step = (2 * step + 1) % n.max(2);
+                for i in 0..n {
+                    res_alloc(&r, &mut m, obj, first + (i * step + range) % n, domain)?;
                 }
-                let existing = r.reservation_for(ObjectId(obj), pindex);
-                match r.alloc_page(ObjectId(obj), pindex, domain) {
-                    Ok(p) => {
-                        if let Some(info) = existing {
-                            prop_assert_eq!(
-                                p,
-                                info.base + (pindex - info.first_pindex) * PAGE_SIZE
-                            );
+                let pages: Vec<u64> = (first..first + n)
+                    .filter_map(|p| m.res.get(&(obj, p)).copied())
+                    .collect();
+                if let Some(info) = r.reservation_for(ObjectId(obj), first) {
+                    if pages.len() as u64 == n && info.popcnt as u64 == n {
+                        prop_assert!(r.is_fully_populated(pa(pages[0])));
+                        prop_assert!(info.base.is_aligned(n * PAGE_SIZE));
+                        for (i, &p) in pages.iter().enumerate() {
+                            prop_assert_eq!(pa(p), info.base + i as u64 * PAGE_SIZE);
                         }
-                        if let Some(info) = r.reservation_of(p) {
-                            prop_assert_eq!(info.object, ObjectId(obj));
-                            prop_assert_eq!(info.first_pindex, pindex & !(n - 1));
-                            prop_assert_eq!(p, info.base + (pindex % n) * PAGE_SIZE);
-                        }
-                        prop_assert_eq!(b.pages().meta(p).owner(), Some((ObjectId(obj), pindex)));
-                        m.take(p.as_u64(), 1);
-                        m.res.insert((obj, pindex), p.as_u64());
+                        prop_assert_eq!(b.pages().meta(info.base).psind(), 1);
                     }
-                    Err(ReservError::NoMemory) => {
-                        prop_assert!(existing.is_none());
-                        let doms: Vec<usize> = match b.policy() {
-                            DomainPolicy::Strict if domain >= 2 => vec![],
-                            DomainPolicy::Strict => vec![domain],
-                            DomainPolicy::Prefer => vec![0, 1],
-                        };
-                        for d in doms {
-                            prop_assert_eq!(b.free_pages(d), 0);
-                            prop_assert!(
-                                r.lru(d).is_empty(),
-                                "NoMemory with partial reservations left"
-                            );
-                        }
-                    }
-                    Err(e) => prop_assert!(false, "unexpected {e}"),
                 }
             }
             Op::ResFree { pick } => {
