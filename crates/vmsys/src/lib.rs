@@ -11,8 +11,8 @@ extern crate alloc;
 pub mod addr;
 pub mod frames;
 pub mod page;
-pub mod platform;
 pub mod phys;
+pub mod platform;
 pub mod pmap;
 pub mod vmem;
 

@@ -195,7 +195,7 @@ fn alloc_contig_honours_alignment_and_boundary() {
         .alloc_contig(0, 13, pa(0), pa(u64::MAX), PAGE_SIZE, 0)
         .unwrap();
     assert_eq!(p, pa(0x3000));
-    // Boundary: 8 frames not crossing 32 KiB, at or above 0x6000: 0x8000.
+    // Boundary: 8 frames not crossing 32 KiB, at or above 0x6000; 0x3000..0x10000 is taken.
     let q = f
         .buddy()
         .alloc_contig(0, 8, pa(0x6000), pa(u64::MAX), PAGE_SIZE, 0x8000)

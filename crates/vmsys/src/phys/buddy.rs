@@ -467,13 +467,7 @@ impl BuddyAllocator {
         let mut d = self.doms[seg.domain as usize].lock();
         self.check_alloc_head(seg, pfn, order)?;
         debug_assert!(pfn.is_multiple_of(1 << order), "allocated block misaligned");
-        debug_assert!(
-            (0..1usize << order).all(|i| {
-                let m = self.pages.page(idx_in(seg, pfn) + i);
-                m.wire_count() == 0 && !m.is_xbusied() && m.sbusy_count() == 0
-            }),
-            "freeing a wired or busy frame"
-        );
+        // Clears owner, valid, dirty and psind (debug: asserts the frames are unwired, unbusied).
         self.reset_block(idx_in(seg, pfn), order);
         self.pages
             .page(idx_in(seg, pfn))

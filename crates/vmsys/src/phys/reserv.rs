@@ -244,6 +244,11 @@ impl ReservSystem {
     /// are broken, least recently changed first, until one is. The frame's record names the
     /// object and page index. `NoMemory` when every domain allowed (the buddy's policy) is
     /// exhausted and has no partial reservation left.
+    ///
+    /// An existing reservation for the range is used whatever its domain (the object's range
+    /// is already placed there), even under the `Strict` policy. The reservation system does not
+    /// know the object's resident pages: a new reservation may cover page indices the object
+    /// already holds as ordinary frames; the caller must not ask again for those.
     pub fn alloc_page(
         &self,
         object: ObjectId,
