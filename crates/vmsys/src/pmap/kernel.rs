@@ -108,8 +108,19 @@ impl<P: Platform + 'static> PmapSystem<P> {
         frames: Arc<dyn FrameSource>,
         cfg: PmapConfig,
     ) -> Result<Arc<Self>, PmapError> {
+        let pages = Arc::new(PageArray::new(plat.phys_segments()));
+        Self::bootstrap_with_pages(plat, frames, pages, cfg)
+    }
+
+    /// [`PmapSystem::bootstrap`] over a page array shared with the physical allocator (one
+    /// record per frame for the whole system, as FreeBSD's `vm_page_array`).
+    pub fn bootstrap_with_pages(
+        plat: Arc<P>,
+        frames: Arc<dyn FrameSource>,
+        pages: Arc<PageArray>,
+        cfg: PmapConfig,
+    ) -> Result<Arc<Self>, PmapError> {
         let geom = super::Geometry::new(plat.format());
-        let pages = PageArray::new(plat.phys_segments());
         let ncpu = plat.cpu_count();
         let ((kva_start, kva_end), dmap_base) = match cfg.kva {
             Some(r) => (r, default_ranges(&geom, cfg.split).1),

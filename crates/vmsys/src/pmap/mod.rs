@@ -262,7 +262,7 @@ pub struct PmapSystem<P: Platform> {
     geom: Geometry,
     cfg: PmapConfig,
     frames: Arc<dyn FrameSource>,
-    pages: PageArray,
+    pages: Arc<PageArray>,
     pv: PvPool,
     kernel: Arc<Pmap>,
     /// Every live pmap by id (FreeBSD's `allpmaps`, used by i386 page-directory propagation and
