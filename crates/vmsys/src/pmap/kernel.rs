@@ -569,16 +569,63 @@ impl<P: Platform> PmapSystem<P> {
         self.kernel_pages(va.as_u64(), count, |_| 0, "qremove")
     }
 
-    /// Write `count` unmanaged kernel entries from `va`: entry `i` becomes `val(i)`, a table at
-    /// a time. A superpage in the way is a caller bug (seed 000: transient mappings inside a
-    /// region that was promoted): it asserts in debug builds and is demoted in release builds,
-    /// never written through.
+    /// `qenter` for a mapping that only the current CPU will use (the caller is pinned to it:
+    /// `map_io_transient` without `can_fault`). The entries must be invalid before; nothing is
+    /// shot down.
+    pub fn qenter_local(&self, va: VirtAddr, pages: &[PhysAddr]) -> Result<(), PmapError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        self.check_range(&self.kernel, va, pages.len() as u64 * PAGE_SIZE, PAGE_SIZE)?;
+        let mut vals = Vec::with_capacity(pages.len());
+        for &p in pages {
+            self.check_pa(p, PAGE_SIZE, false)?;
+            vals.push(self.kernel_entry(
+                self.geom.last(),
+                p.as_u64(),
+                CacheMode::WriteBack,
+                true,
+            )?);
+        }
+        self.kernel_pages_scoped(va.as_u64(), pages.len(), |i| vals[i], "qenter_local", true)
+    }
+
+    /// Undo [`PmapSystem::qenter_local`] on the CPU that made it: the entries are cleared (not
+    /// left valid in freed KVA, as FreeBSD's `pmap_unmap_io_transient` does) and invalidated on
+    /// this CPU only.
+    pub fn qremove_local(&self, va: VirtAddr, count: usize) -> Result<(), PmapError> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.check_range(&self.kernel, va, count as u64 * PAGE_SIZE, PAGE_SIZE)?;
+        self.kernel_pages_scoped(va.as_u64(), count, |_| 0, "qremove_local", true)
+    }
+
     fn kernel_pages(
         &self,
         va: u64,
         count: usize,
         val: impl Fn(usize) -> u64,
         what: &str,
+    ) -> Result<(), PmapError> {
+        self.kernel_pages_scoped(va, count, val, what, false)
+    }
+
+    /// Write `count` unmanaged kernel entries from `va`: entry `i` becomes `val(i)`, a table at
+    /// a time. A superpage in the way is a caller bug (seed 000: transient mappings inside a
+    /// region that was promoted): it asserts in debug builds and is demoted in release builds,
+    /// never written through.
+    ///
+    /// With `local`, the invalidation is this CPU's only: only valid for mappings no other CPU
+    /// has used (the replaced entries of a `qenter_local` are invalid, so there is nothing to
+    /// invalidate; a `qremove_local` invalidates here).
+    fn kernel_pages_scoped(
+        &self,
+        va: u64,
+        count: usize,
+        val: impl Fn(usize) -> u64,
+        what: &str,
+        local: bool,
     ) -> Result<(), PmapError> {
         let g = &self.geom;
         let t = self.tables();
@@ -652,7 +699,11 @@ impl<P: Platform> PmapSystem<P> {
                 }
             }
         }
-        self.complete(k, flush);
+        if local {
+            self.complete_local(flush);
+        } else {
+            self.complete(k, flush);
+        }
         self.plat.pt_update_end();
         drop(st);
         result

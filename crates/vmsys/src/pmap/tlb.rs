@@ -344,6 +344,21 @@ impl<P: Platform> PmapSystem<P> {
         flush.any = false;
     }
 
+    /// Complete a kernel flush on this CPU only (mappings that only this CPU has used). It
+    /// cannot free tables: kernel tables are never freed.
+    pub(crate) fn complete_local(&self, mut flush: Flush) {
+        debug_assert!(flush.free.is_empty(), "a local flush frees no table");
+        if flush.any {
+            let mut va = flush.start;
+            while va < flush.end {
+                self.invalidate_local_page(va);
+                va += PAGE_SIZE;
+            }
+            PmapStats::bump(&self.stats.local_flushes);
+        }
+        flush.any = false;
+    }
+
     /// Return a page-table page to the frame source (after its invalidation).
     pub(crate) fn free_ptp_now(&self, ptp: PhysAddr) {
         let meta = self.pages.meta(ptp);
