@@ -92,7 +92,9 @@ fn ours_pair(a: &Arena, cpu: usize, size: u64, iters: u64) {
 
 fn peer_pair(p: &Peer, iters: u64) {
     for _ in 0..iters {
-        let x = p.alloc(PAGE as usize, vmem::AllocPolicy::InstantFit).unwrap();
+        let x = p
+            .alloc(PAGE as usize, vmem::AllocPolicy::InstantFit)
+            .unwrap();
         p.free(black_box(x)).unwrap();
     }
 }
@@ -154,7 +156,10 @@ pub fn measure(quick: bool) -> Vec<VmemRow> {
 
     for (trust, name) in [
         (false, "alloc+free through a quantum cache (checked frees)"),
-        (true, "alloc+free through a quantum cache (unchecked, Bonwick's)"),
+        (
+            true,
+            "alloc+free through a quantum cache (unchecked, Bonwick's)",
+        ),
     ] {
         let mut cfg = ArenaConfig::new("bench-q", PAGE)
             .span(SPAN.0, SPAN.1)
@@ -172,7 +177,11 @@ pub fn measure(quick: bool) -> Vec<VmemRow> {
     for live in [100usize, 10_000, 1_000_000] {
         let ours = ours_churn(live, iters / 4, samples);
         let peer_ns = (live <= 10_000).then(|| {
-            let n = if quick { 20 } else { (2_000_000 / live as u64).clamp(100, 20_000) };
+            let n = if quick {
+                20
+            } else {
+                (2_000_000 / live as u64).clamp(100, 20_000)
+            };
             peer_churn(live, n, samples)
         });
         let note = if peer_ns.is_none() {
@@ -198,7 +207,10 @@ pub fn table(rows: &[VmemRow]) -> String {
     );
     for r in rows {
         let peer = r.peer_ns.map_or("-".to_string(), |p| format!("{p:.1}"));
-        s += &format!("{:<80} {:>10.1} {:>12}  {}\n", r.name, r.ours_ns, peer, r.peer);
+        s += &format!(
+            "{:<80} {:>10.1} {:>12}  {}\n",
+            r.name, r.ours_ns, peer, r.peer
+        );
     }
     s
 }

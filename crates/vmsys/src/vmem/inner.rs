@@ -486,7 +486,7 @@ impl Inner {
             if self.spans.get(&span.start) != Some(&i) {
                 return Err(format!("span {:#x} not in the span map", span.start));
             }
-            if span.size == 0 || span.start % q != 0 || span.size % q != 0 {
+            if span.size == 0 || !span.start.is_multiple_of(q) || !span.size.is_multiple_of(q) {
                 return Err(format!(
                     "span {:#x}+{:#x} empty or not quantum-aligned",
                     span.start, span.size
@@ -513,7 +513,7 @@ impl Inner {
                         t.start
                     ));
                 }
-                if t.size == 0 || t.size % q != 0 || t.start % q != 0 {
+                if t.size == 0 || !t.size.is_multiple_of(q) || !t.start.is_multiple_of(q) {
                     return Err(format!(
                         "segment {:#x}+{:#x} empty or not quantum-aligned",
                         t.start, t.size

@@ -315,7 +315,7 @@ impl Arena {
         if !q.is_power_of_two() {
             return Err(VmemError::BadQuantum(q));
         }
-        if cfg.qcache_max % q != 0 || cfg.qcache_max / q > MAX_QCACHES {
+        if !cfg.qcache_max.is_multiple_of(q) || cfg.qcache_max / q > MAX_QCACHES {
             return Err(VmemError::BadQcacheMax {
                 qcache_max: cfg.qcache_max,
                 quantum: q,
@@ -326,7 +326,7 @@ impl Arena {
         } else {
             cfg.import_quantum
         };
-        if import_quantum % q != 0 {
+        if !import_quantum.is_multiple_of(q) {
             return Err(VmemError::BadImportQuantum {
                 import_quantum,
                 quantum: q,
@@ -388,14 +388,14 @@ impl Arena {
         if size == 0 {
             return Err(VmemError::ZeroSize);
         }
-        if base % q != 0 {
+        if !base.is_multiple_of(q) {
             return Err(VmemError::Unaligned {
                 what: "base",
                 value: base,
                 quantum: q,
             });
         }
-        if size % q != 0 {
+        if !size.is_multiple_of(q) {
             return Err(VmemError::Unaligned {
                 what: "size",
                 value: size,
@@ -486,7 +486,7 @@ impl Arena {
         if !align.is_power_of_two() || align < q {
             return Err(VmemError::BadAlign { align, quantum: q });
         }
-        if phase >= align || phase % q != 0 {
+        if phase >= align || !phase.is_multiple_of(q) {
             return Err(VmemError::BadPhase { phase, align });
         }
         if nocross != 0 && (!nocross.is_power_of_two() || nocross < size) {

@@ -50,6 +50,8 @@ struct CpuCache {
 #[repr(align(64))]
 struct Padded<T>(T);
 
+/// Magazines move between CPUs and the depot by pointer, so they stay boxed in the lists.
+#[allow(clippy::vec_box)]
 struct Depot {
     full: Vec<Box<Magazine>>,
     empty: Vec<Box<Magazine>>,

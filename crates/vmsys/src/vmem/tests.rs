@@ -187,7 +187,7 @@ fn xalloc_honours_constraints_and_rejects_bad_arguments() {
     let n = a
         .xalloc(Q, 0x2000, 0, 0, 0x60_0000, ADDR_MAX, Policy::NextFit)
         .unwrap();
-    assert!(n >= 0x60_0000 && n % 0x2000 == 0);
+    assert!(n >= 0x60_0000 && n.is_multiple_of(0x2000));
     assert_eq!(
         a.xalloc(2 * Q, 0, 0, 0, 0x50_1000, 0x50_1fff, IF),
         Err(VmemError::Exhausted { size: 2 * Q })
