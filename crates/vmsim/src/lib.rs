@@ -17,6 +17,7 @@ pub mod pmap_bench;
 pub mod report;
 pub mod run;
 pub mod units;
+pub mod vmem_bench;
 pub mod workload;
 
 pub use error::CliError;
