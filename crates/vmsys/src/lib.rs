@@ -10,6 +10,7 @@ extern crate alloc;
 
 pub mod addr;
 pub mod frames;
+pub mod kmem;
 pub mod page;
 pub mod phys;
 pub mod platform;

@@ -389,6 +389,22 @@ pub trait Platform: Send + Sync {
     fn pt_update_end(&self) {}
 }
 
+/// Acquire `m`, taking this CPU's interrupts while spinning. Any lock that may be held while
+/// its holder waits for another CPU (a TLB shootdown waits for every target to acknowledge)
+/// must be taken this way, or a CPU spinning on it never acknowledges and both wait forever.
+pub fn lock_interruptible<'a, T, P: Platform + ?Sized>(
+    m: &'a spin::Mutex<T>,
+    plat: &P,
+) -> spin::MutexGuard<'a, T> {
+    loop {
+        if let Some(g) = m.try_lock() {
+            return g;
+        }
+        plat.interrupt_point();
+        core::hint::spin_loop();
+    }
+}
+
 /// Call `f(va, offset, len)` for each piece of `[va, va + len)` that lies inside one 4 KiB page.
 fn for_each_page(
     va: VirtAddr,

@@ -8,17 +8,12 @@ use super::geom::Geometry;
 
 /// Acquire `m`, taking this CPU's interrupts while spinning: the holder may be waiting for this
 /// CPU to acknowledge a TLB shootdown.
+#[inline]
 pub(crate) fn lock<'a, T, P: Platform + ?Sized>(
     m: &'a spin::Mutex<T>,
     plat: &P,
 ) -> spin::MutexGuard<'a, T> {
-    loop {
-        if let Some(g) = m.try_lock() {
-            return g;
-        }
-        plat.interrupt_point();
-        core::hint::spin_loop();
-    }
+    crate::platform::lock_interruptible(m, plat)
 }
 
 /// Zeros for clearing a run of entries without building a buffer.
