@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod detector;
 pub mod machine;
 pub mod mem;
+pub mod system;
 pub mod testkit;
 pub mod tlb;
 pub mod walker;

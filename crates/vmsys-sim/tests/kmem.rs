@@ -11,10 +11,10 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use vmsys::arch::FormatId;
 use vmsys::kmem::{Kmem, KmemConfig, KmemError, KvaLayout};
-use vmsys::page::PageArray;
 use vmsys::phys::{BuddyAllocator, ReservSystem};
 use vmsys::platform::Platform;
 use vmsys::{FrameSource, PhysAddr, PmapConfig, PmapSystem, VirtAddr};
+use vmsys_sim::system::System;
 use vmsys_sim::{DetectorMode, Machine, MachineConfig};
 
 const PAGE: u64 = 4096;
@@ -32,36 +32,24 @@ struct KEnv {
 
 /// 256 MiB, direct map (where the format has one) over the first 128 MiB only.
 fn kenv(f: FormatId, cpus: u32, cfg: KmemConfig) -> KEnv {
-    let m = machine_with(
+    kenv_on(
         MachineConfig::new(f)
             .cpus(cpus)
             .mem(256 << 20)
             .direct_map_limit(128 << 20)
             .detector(DetectorMode::Every),
-    );
-    let pages = Arc::new(PageArray::new(m.phys_segments()));
-    let buddy = Arc::new(BuddyAllocator::new(pages.clone()));
-    let sys =
-        PmapSystem::bootstrap_with_pages(m.clone(), buddy.clone(), pages, PmapConfig::default())
-            .expect("bootstrap");
-    for c in 0..cpus {
-        m.run_on(c, |_| sys.init_cpu());
-    }
-    sys.install_fault_handler();
-    let sp = sys.page_sizes().nth(1).unwrap();
-    let reserv = Arc::new(ReservSystem::new(
-        buddy.clone(),
-        (sp / PAGE).trailing_zeros() as usize,
-    ));
-    let k = m.run_on(0, |_| {
-        Kmem::new(sys.clone(), reserv.clone(), cfg).expect("kmem")
-    });
+        cfg,
+    )
+}
+
+fn kenv_on(mcfg: MachineConfig, cfg: KmemConfig) -> KEnv {
+    let s = System::boot(mcfg, PmapConfig::default(), cfg).expect("boot");
     KEnv {
-        m,
-        sys,
-        buddy,
-        reserv,
-        k,
+        m: s.m,
+        sys: s.pmap,
+        buddy: s.buddy,
+        reserv: s.reserv,
+        k: s.kmem,
         borrowed: Default::default(),
     }
 }
@@ -466,7 +454,62 @@ fn churn(f: FormatId) {
     e.audit();
 }
 
+/// Pages are zeroed and copied through the direct map where it covers them and through the
+/// quick-map slots where it does not (and on i386, which has none).
+fn zero_and_copy_pages(f: FormatId) {
+    let e = kenv(f, 1, KmemConfig::default());
+    let low = e.low_frame();
+    let high = e.high_frame();
+    e.m.run_on(0, |_| {
+        for (src, dst) in [(low, high), (high, low)] {
+            e.m.phys_write(src, &[0x5a; 4096]);
+            e.m.phys_write(dst, &[0xa5; 4096]);
+            e.k.copy_page(src, dst).unwrap();
+            let mut b = vec![0u8; 4096];
+            e.m.phys_read(dst, &mut b);
+            assert!(b.iter().all(|&x| x == 0x5a), "copied {src} -> {dst}");
+            e.k.zero_page(dst).unwrap();
+            e.m.phys_read(dst, &mut b);
+            assert!(b.iter().all(|&x| x == 0), "zeroed {dst}");
+        }
+    });
+    e.audit();
+}
+
+/// Two NUMA domains: each domain's arena backs its allocations with its own domain's pages.
+#[test]
+fn kmem_domains_get_their_own_pages() {
+    let e = kenv_on(
+        MachineConfig::new(FormatId::Amd64)
+            .cpus(2)
+            .mem(256 << 20)
+            .domains(2)
+            .detector(DetectorMode::Every),
+        KmemConfig::default(),
+    );
+    let sp = e.sp();
+    e.m.run_on(1, |_| {
+        for d in 0..2 {
+            let va = e.k.kmem_malloc(sp + 3 * PAGE, d, false).unwrap();
+            for i in [0, sp / PAGE, sp / PAGE + 2] {
+                let pa = e
+                    .sys
+                    .extract(e.sys.kernel_pmap(), VirtAddr::new(va.as_u64() + i * PAGE))
+                    .unwrap();
+                assert_eq!(e.sys.pages().meta(pa).domain() as usize, d);
+            }
+            e.k.kmem_free(va, sp + 3 * PAGE).unwrap();
+        }
+        assert!(matches!(
+            e.k.kmem_malloc(PAGE, 2, false),
+            Err(KmemError::BadDomain(2))
+        ));
+    });
+    e.audit();
+}
+
 for_each_format! {
+    zero_copy_pages_ => crate::zero_and_copy_pages;
     kmem_superpage_promoted_ => crate::kmem_superpage_is_promoted;
     kmem_sizes_bad_frees_ => crate::kmem_sizes_and_bad_frees;
     kmem_allocation_failure_ => crate::kmem_allocation_failure;
