@@ -13,6 +13,8 @@
 pub mod bench;
 pub mod cli;
 pub mod error;
+pub mod flush_bench;
+pub mod kmem_bench;
 pub mod pmap_bench;
 pub mod report;
 pub mod run;
