@@ -1,5 +1,7 @@
 //! `vmsim bench`: what a simulated memory access costs (`--what access`), and what the pmap
-//! costs per page-table entry ([`crate::pmap_bench`], `--what pmap`); both by default.
+//! costs per page-table entry ([`crate::pmap_bench`], `--what pmap`); both by default; then
+//! this host's own page fault and fork for reference ([`crate::host_bench`]). `--json` prints
+//! every measurement as a [`Row`].
 //!
 //! The number that matters is an 8-byte load that hits the TLB, since that is nearly every
 //! access a workload makes: it is measured on one CPU over 16 pages touched round-robin after
@@ -20,6 +22,7 @@ use vmsys_sim::{Cpu, DetectorMode, Machine, MachineConfig};
 
 use crate::cli::BenchArgs;
 use crate::error::CliError;
+use crate::host_bench;
 use crate::pmap_bench::{self, PmapParams};
 use crate::report::{detector_name, print_pmap_bench};
 
@@ -210,24 +213,154 @@ pub fn bench_format(format: FormatId, iters: u64) -> Result<Vec<BenchRow>, CliEr
     })
 }
 
-/// `vmsim bench`: the benchmarks `--what` selects, one after the other. Timing never fails the
-/// command (missed targets are printed, not errors).
+/// One row of `vmsim bench --json`: our time, a peer's time for the same work, and
+/// `ratio = ours_ns / peer_ns` (below 1: we are faster; absent without a peer).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Row {
+    pub name: String,
+    pub ours_ns: f64,
+    pub peer: &'static str,
+    pub peer_ns: Option<f64>,
+    pub ratio: Option<f64>,
+}
+
+impl Row {
+    pub fn new(
+        name: impl Into<String>,
+        ours_ns: f64,
+        peer: &'static str,
+        peer_ns: Option<f64>,
+    ) -> Self {
+        Row {
+            name: name.into(),
+            ours_ns,
+            peer,
+            peer_ns,
+            ratio: peer_ns.filter(|&p| p > 0.0).map(|p| ours_ns / p),
+        }
+    }
+}
+
+// The kernel-memory layer adds `crate::vmem_bench::measure(quick) -> Vec<VmemRow>`, with
+// `VmemRow { name: String, ours_ns: f64, peer: &'static str, peer_ns: Option<f64> }`; its rows
+// join these through `Row::new(r.name, r.ours_ns, r.peer, r.peer_ns)` in `vmem_rows` below.
+fn vmem_rows(_quick: bool) -> Vec<Row> {
+    // crate::vmem_bench::measure(_quick)
+    //     .into_iter()
+    //     .map(|r| Row::new(r.name, r.ours_ns, r.peer, r.peer_ns))
+    //     .collect()
+    Vec::new()
+}
+
+/// `vmsim bench`: the benchmarks `--what` selects, one after the other, then this host's
+/// reference rows (unless `--no-host`). Timing never fails the command (missed targets are
+/// printed, not errors). With `--json`, one list of [`Row`]s instead.
 pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut rows = Vec::new();
+    let mut text = Vec::new();
     if args.what.access() {
-        access_bench(args, out)?;
+        rows.extend(access_bench(args, &mut text)?);
     }
     if args.what.pmap() {
         if args.what.access() {
-            writeln!(out)?;
+            writeln!(text)?;
         }
         let b = pmap_bench::measure(PmapParams::from_args(args))?;
-        print_pmap_bench(out, &b)?;
+        print_pmap_bench(&mut text, &b)?;
+        let [map, unmap, translate] = b.rows();
+        rows.push(Row::new(
+            "pmap map 4 KiB (range of 512)",
+            map.vmsys,
+            "x86_64 crate map_to",
+            Some(map.x86_64),
+        ));
+        if let Some(pp) = map.vmsys_per_page {
+            rows.push(Row::new(
+                "pmap map 4 KiB (enter, one page)",
+                pp,
+                "x86_64 crate map_to",
+                Some(map.x86_64),
+            ));
+        }
+        rows.push(Row::new(
+            "pmap unmap 4 KiB (range of 512)",
+            unmap.vmsys,
+            "x86_64 crate unmap",
+            Some(unmap.x86_64),
+        ));
+        if let Some(pp) = unmap.vmsys_per_page {
+            rows.push(Row::new(
+                "pmap unmap 4 KiB (remove, one page)",
+                pp,
+                "x86_64 crate unmap",
+                Some(unmap.x86_64),
+            ));
+        }
+        rows.push(Row::new(
+            "pmap extract",
+            translate.vmsys,
+            "x86_64 crate translate_addr",
+            Some(translate.x86_64),
+        ));
+    }
+    let vmem = vmem_rows(false);
+    if !args.no_host {
+        let h = host_bench::measure(false)?;
+        let host = [
+            Row::new(
+                "anonymous 4 KiB page fault (pmap enter+remove)",
+                h.enter_remove_ns,
+                "this host's Linux: mmap, touch, munmap per page",
+                h.fault_ns,
+            ),
+            Row::new(
+                format!(
+                    "fork with {} MiB touched (pmap create+copy+remove+destroy)",
+                    host_bench::FORK_MIB
+                ),
+                h.copy_ns,
+                "this host's Linux: fork, child _exit, waitpid",
+                h.fork_ns,
+            ),
+        ];
+        writeln!(text)?;
+        writeln!(text, "reference: this host's own kernel (the pmap does only the page-table share of this work)")?;
+        print_rows(&mut text, &host)?;
+        rows.extend(host);
+    }
+    if !vmem.is_empty() {
+        writeln!(text)?;
+        print_rows(&mut text, &vmem)?;
+        rows.extend(vmem);
+    }
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &rows).map_err(std::io::Error::other)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(&text)?;
+    }
+    Ok(())
+}
+
+fn print_rows(out: &mut dyn Write, rows: &[Row]) -> std::io::Result<()> {
+    for r in rows {
+        writeln!(
+            out,
+            "  {:<62}{:>12.1} ns   {:<48}{:>12}  {}",
+            r.name,
+            r.ours_ns,
+            r.peer,
+            r.peer_ns
+                .map_or_else(|| "-".into(), |p| format!("{p:.1} ns")),
+            r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.3}x"))
+        )?;
     }
     Ok(())
 }
 
 /// The access benchmark: a row per format and detector mode.
-pub fn access_bench(args: &BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
+pub fn access_bench(args: &BenchArgs, out: &mut dyn Write) -> Result<Vec<Row>, CliError> {
+    let mut rows = Vec::new();
     let iters = args.iters;
     writeln!(
         out,
@@ -262,6 +395,26 @@ pub fn access_bench(args: &BenchArgs, out: &mut dyn Write) -> Result<(), CliErro
                 }
                 None => "-",
             };
+            rows.push(Row::new(
+                format!(
+                    "TLB hit {} detector {}",
+                    r.format,
+                    detector_name(r.detector)
+                ),
+                r.hit_ns,
+                "raw AtomicU64 load",
+                Some(floor),
+            ));
+            rows.push(Row::new(
+                format!(
+                    "TLB miss+walk {} detector {}",
+                    r.format,
+                    detector_name(r.detector)
+                ),
+                r.miss_ns,
+                "none",
+                None,
+            ));
             writeln!(
                 out,
                 "{:<12}{:<20}{:>10.2}{:>10.1}{:>14}{:>15.1}{:>10.1}%",
@@ -288,7 +441,7 @@ pub fn access_bench(args: &BenchArgs, out: &mut dyn Write) -> Result<(), CliErro
             missed.join("; ")
         )?;
     }
-    Ok(())
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -310,5 +463,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn json_rows_have_the_keys() {
+        let args = BenchArgs {
+            what: crate::cli::BenchWhat::Access,
+            arch: crate::cli::Formats(vec![FormatId::I386]),
+            iters: 2000,
+            json: true,
+            no_host: true,
+            ..BenchArgs::default()
+        };
+        let mut out = Vec::new();
+        bench(&args, &mut out).expect("bench");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        let rows = v.as_array().expect("a list");
+        assert_eq!(rows.len(), 2 * MODES.len());
+        for r in rows {
+            for k in ["name", "ours_ns", "peer", "peer_ns", "ratio"] {
+                assert!(r.get(k).is_some(), "{k} missing in {r}");
+            }
+        }
+        assert_eq!(Row::new("x", 2.0, "p", Some(4.0)).ratio, Some(0.5));
+        assert_eq!(Row::new("x", 2.0, "p", None).ratio, None);
     }
 }

@@ -1,17 +1,18 @@
-//! The command line: `vmsim [run] ...` and `vmsim bench ...`.
+//! The command line: `vmsim [run] ...`, `vmsim layout ...` and `vmsim bench ...`.
 //!
 //! Every option is validated here, at parse time, so that a bad value is a one-line usage error
 //! before any machine is built.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmsys::platform::MAX_CPUS;
-use vmsys_arch::FormatId;
+use vmsys_arch::{FormatId, Split32};
 use vmsys_sim::DetectorMode;
 
 use crate::units::parse_size;
 
-/// Runs the vmsys simulated machine: a multi-CPU workload under changing mappings (`run`, the
-/// default) or the cost of a simulated access (`bench`).
+/// Runs the vmsys simulated machine: a mixed pmap workload on every CPU of one machine with
+/// every result checked (`run`, the default), the kernel address-space layout of a format
+/// (`layout`), or benchmarks (`bench`).
 #[derive(Parser, Debug)]
 #[command(name = "vmsim", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -32,14 +33,22 @@ impl Cli {
 
 #[derive(Subcommand, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Boot a machine per format, run random accesses on every CPU while CPU 0 remaps pages
-    /// under them (with correct invalidation), then print counters and any stale-translation
-    /// violations. Exits 1 if there was a violation or a wrong value was read.
+    /// Boot one machine with the pmap and run a mixed workload on every CPU at once: address
+    /// spaces created, activated, visited, forked and destroyed; enter (4 KiB and superpages),
+    /// enter_range, protect, remove, remove_all, unwire, promotion and demotion; growkernel,
+    /// kenter/kremove, qenter/qremove and quick maps; loads and stores through the simulated MMU
+    /// checked against what the workload wrote. Audits the pmap's invariants, every CPU's TLB
+    /// and the stale-translation detector, then prints a report. Exits 1 on any violation or
+    /// wrong value.
     Run(RunArgs),
+    /// Print the kernel address-space layout of a format as the pmap computes it (direct map,
+    /// KVA, quick-map slots; rows for the kernel arenas to come) and what each kernel
+    /// page-table synchronisation strategy costs in memory and per growkernel.
+    Layout(LayoutArgs),
     /// Measure the cost of a simulated 8-byte load that hits the TLB (detector off, sampled and
-    /// on every access) against a raw atomic load, and the cost of a TLB miss and walk
-    /// (`--what access`); and what the pmap costs per page-table entry to map, unmap and
-    /// translate, against the x86_64 crate's page-table code on the same memory (`--what pmap`).
+    /// on every access) against a raw atomic load, and of a TLB miss and walk (`--what access`);
+    /// what the pmap costs per page-table entry to map, unmap and translate, against the x86_64
+    /// crate (`--what pmap`); and this host's own anonymous page fault and fork for reference.
     Bench(BenchArgs),
 }
 
@@ -64,17 +73,21 @@ pub fn parse_formats(s: &str) -> Result<Formats, String> {
     }
     let mut v = Vec::new();
     for name in s.split(',').map(str::trim) {
-        let id = FormatId::from_name(name).ok_or_else(|| {
-            format!(
-                "unknown architecture '{name}' (expected all or one of {})",
-                known_formats()
-            )
-        })?;
-        if !v.contains(&id) {
-            v.push(id);
-        }
+        v.push(parse_format(name)?);
     }
+    v.dedup();
     Ok(Formats(v))
+}
+
+/// One format name.
+pub fn parse_format(s: &str) -> Result<FormatId, String> {
+    FormatId::from_name(s.trim()).ok_or_else(|| {
+        format!(
+            "unknown architecture '{}' (expected one of {})",
+            s.trim(),
+            known_formats()
+        )
+    })
 }
 
 /// A count that must be at least 1 (clap's range check would print the whole u64 range).
@@ -98,7 +111,7 @@ pub enum DetectorArg {
     Every,
     /// Check one TLB hit in --sample-period per CPU.
     Sampled,
-    /// No checks on accesses; the audit after the run still checks every CPU's caches.
+    /// No checks on accesses; the audits still check every CPU's caches.
     Off,
 }
 
@@ -114,32 +127,46 @@ impl DetectorArg {
     }
 }
 
+/// Default of `run --ops`.
+pub const DEFAULT_OPS: u64 = 200_000;
+/// Default of `run --audit-every`.
+pub const DEFAULT_AUDIT_EVERY: u64 = 25_000;
+
 /// Options of `vmsim run`.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct RunArgs {
-    /// Page-table formats to run: all, or a comma-separated list of amd64, amd64-la57, arm64,
-    /// i386, i386-pae.
-    #[arg(long, value_name = "ARCH", default_value = "all", value_parser = parse_formats)]
-    pub arch: Formats,
+    /// Page-table format of the machine: amd64, amd64-la57, arm64, i386 or i386-pae.
+    #[arg(long, value_name = "ARCH", default_value = "amd64", value_parser = parse_format)]
+    pub arch: FormatId,
 
-    /// Simulated CPUs per machine (one host thread each), 1 to 256.
+    /// Simulated CPUs (one host thread each, all running the workload at once), 1 to 256.
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=MAX_CPUS as i64))]
     pub cpus: u32,
 
-    /// Physical memory per machine, with an optional K, M, G or T suffix (binary units); at
-    /// least 4M and within the format's physical address space. Host memory is committed only
+    /// Physical memory of the machine, with an optional K, M, G or T suffix (binary units); at
+    /// least 64M and within the format's physical address space. Host memory is committed only
     /// where the workload touches it.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub mem: u64,
 
-    /// Memory accesses per CPU.
-    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    /// Operations in all, shared out evenly between the CPUs (an access is one operation, so is
+    /// a pmap call or a visit of another CPU's address space).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_OPS, value_parser = positive_u64)]
     pub ops: u64,
 
-    /// Seed of the random access and remap choices (each CPU and format derives its own).
+    /// Seed of every random choice; each CPU derives its own generator from it.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub seed: u64,
+
+    /// Quiesce every CPU at a barrier after every N operations (counted over all CPUs) and audit
+    /// the pmap's invariants and every CPU's TLB; 0: audit only at the end (always done).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_AUDIT_EVERY)]
+    pub audit_every: u64,
+
+    /// Print one JSON object on standard output instead of the report.
+    #[arg(long)]
+    pub json: bool,
 
     /// Stale-translation detector mode during the run.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = DetectorArg::Sampled)]
@@ -149,12 +176,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = positive_u32)]
     pub sample_period: u32,
 
-    /// CPU 0 remaps a page to another frame after every N of its own accesses.
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = positive_u64)]
-    pub remap_every: u64,
-
-    /// Plant a kernel bug to see the checks catch it: CPU 0 invalidates only its own TLB after
-    /// a remap, never the other CPUs'. The run is then expected to fail.
+    /// Plant a kernel bug to see the checks catch it: the platform drops the pmap's TLB
+    /// shootdowns (IPIs are not sent, arm64 broadcast invalidations stay local). The run is then
+    /// expected to fail.
     #[arg(long)]
     pub omit_shootdown: bool,
 }
@@ -162,14 +186,15 @@ pub struct RunArgs {
 impl Default for RunArgs {
     fn default() -> Self {
         RunArgs {
-            arch: Formats::default(),
+            arch: FormatId::Amd64,
             cpus: 4,
             mem: 1 << 30,
-            ops: 200_000,
+            ops: DEFAULT_OPS,
             seed: 1,
+            audit_every: DEFAULT_AUDIT_EVERY,
+            json: false,
             detector: DetectorArg::Sampled,
             sample_period: 64,
-            remap_every: 64,
             omit_shootdown: false,
         }
     }
@@ -178,6 +203,69 @@ impl Default for RunArgs {
 impl RunArgs {
     pub fn detector_mode(&self) -> DetectorMode {
         self.detector.mode(self.sample_period)
+    }
+}
+
+/// The user/kernel split of the 32-bit formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SplitArg {
+    /// 3 GiB user, 1 GiB kernel (kernel from 0xC0000000).
+    #[value(name = "3g1g")]
+    G3G1,
+    /// 2 GiB user, 2 GiB kernel (kernel from 0x80000000).
+    #[value(name = "2g2g")]
+    G2G2,
+    /// 1 GiB user, 3 GiB kernel (kernel from 0x40000000).
+    #[value(name = "1g3g")]
+    G1G3,
+}
+
+impl SplitArg {
+    pub fn split(self) -> Split32 {
+        match self {
+            SplitArg::G3G1 => Split32::G3G1,
+            SplitArg::G2G2 => Split32::G2G2,
+            SplitArg::G1G3 => Split32::G1G3,
+        }
+    }
+}
+
+/// Options of `vmsim layout`.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct LayoutArgs {
+    /// Page-table format: amd64, amd64-la57, arm64, i386 or i386-pae.
+    #[arg(long, value_name = "ARCH", default_value = "amd64", value_parser = parse_format)]
+    pub arch: FormatId,
+
+    /// The user/kernel split of a 32-bit format (i386, i386-pae): 3g1g, 2g2g or 1g3g (user
+    /// first). Default 3g1g; an error for a 64-bit format.
+    #[arg(long, value_enum, value_name = "SPLIT")]
+    pub split: Option<SplitArg>,
+
+    /// Physical memory of the machine the layout is computed on (the direct map covers it), with
+    /// an optional K, M, G or T suffix.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    pub mem: u64,
+
+    /// CPUs of the machine (each has two quick-map slots), 1 to 256.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_CPUS as i64))]
+    pub cpus: u32,
+
+    /// Print one JSON object on standard output instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for LayoutArgs {
+    fn default() -> Self {
+        LayoutArgs {
+            arch: FormatId::Amd64,
+            split: None,
+            mem: 1 << 30,
+            cpus: 4,
+            json: false,
+        }
     }
 }
 
@@ -241,6 +329,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = PMAP_SAMPLES,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub pmap_samples: u32,
+
+    /// Print a JSON list of rows (name, ours_ns, peer, peer_ns, ratio) on standard output
+    /// instead of the tables.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Skip this host's reference measurements (anonymous page fault, fork).
+    #[arg(long)]
+    pub no_host: bool,
 }
 
 impl Default for BenchArgs {
@@ -252,6 +349,8 @@ impl Default for BenchArgs {
             pmap_ranges: PMAP_RANGES,
             pmap_rounds: PMAP_ROUNDS,
             pmap_samples: PMAP_SAMPLES,
+            json: false,
+            no_host: false,
         }
     }
 }
@@ -272,14 +371,12 @@ mod tests {
 
     #[test]
     fn no_subcommand_is_run_with_defaults() {
-        assert_eq!(
-            parse(&["vmsim"]).map_err(|e| e.to_string()).ok(),
-            Some(Command::Run(RunArgs::default()))
-        );
-        assert_eq!(
-            parse(&["vmsim", "run"]).map_err(|e| e.to_string()).ok(),
-            Some(Command::Run(RunArgs::default()))
-        );
+        for args in [&["vmsim"][..], &["vmsim", "run"]] {
+            assert_eq!(
+                parse(args).map_err(|e| e.to_string()).ok(),
+                Some(Command::Run(RunArgs::default()))
+            );
+        }
     }
 
     #[test]
@@ -297,46 +394,53 @@ mod tests {
             "10",
             "--seed",
             "7",
+            "--audit-every",
+            "5",
+            "--json",
             "--detector",
             "every",
             "--sample-period",
             "3",
-            "--remap-every",
-            "5",
         ]);
         let Ok(Command::Run(a)) = c else {
             panic!("expected run, got {c:?}")
         };
-        assert_eq!(a.arch, Formats(vec![FormatId::Arm64]));
+        assert_eq!(a.arch, FormatId::Arm64);
         assert_eq!((a.cpus, a.mem, a.ops, a.seed), (8, 512 << 20, 10, 7));
+        assert_eq!(a.audit_every, 5);
+        assert!(a.json && !a.omit_shootdown);
         assert_eq!(a.detector_mode(), DetectorMode::Every);
-        assert_eq!(a.remap_every, 5);
     }
 
     #[test]
     fn top_level_options_mean_run() {
-        let Ok(Command::Run(a)) = parse(&["vmsim", "--arch", "i386,i386-pae", "--detector", "off"])
+        let Ok(Command::Run(a)) = parse(&["vmsim", "--arch", "i386-pae", "--detector", "off"])
         else {
             panic!("top-level options should parse as run")
         };
-        assert_eq!(a.arch, Formats(vec![FormatId::I386, FormatId::I386Pae]));
+        assert_eq!(a.arch, FormatId::I386Pae);
         assert_eq!(a.detector_mode(), DetectorMode::Off);
     }
 
     #[test]
-    fn bench_options_parse() {
-        let Ok(Command::Bench(b)) =
-            parse(&["vmsim", "bench", "--arch", "amd64", "--iters", "1000"])
-        else {
-            panic!("expected bench")
+    fn layout_options_parse() {
+        let Ok(Command::Layout(l)) = parse(&["vmsim", "layout"]) else {
+            panic!("expected layout")
         };
-        assert_eq!(b.arch, Formats(vec![FormatId::Amd64]));
-        assert_eq!(b.iters, 1000);
-        assert_eq!(b.what, BenchWhat::All);
+        assert_eq!(l, LayoutArgs::default());
+        let Ok(Command::Layout(l)) = parse(&[
+            "vmsim", "layout", "--arch", "i386", "--split", "2g2g", "--mem", "256M", "--json",
+        ]) else {
+            panic!("expected layout")
+        };
+        assert_eq!(l.arch, FormatId::I386);
+        assert_eq!(l.split.map(SplitArg::split), Some(Split32::G2G2));
+        assert!(l.json);
+        assert_eq!(l.mem, 256 << 20);
     }
 
     #[test]
-    fn bench_what_parses() {
+    fn bench_options_parse() {
         let Ok(Command::Bench(b)) = parse(&["vmsim", "bench"]) else {
             panic!("expected bench")
         };
@@ -347,36 +451,49 @@ mod tests {
             "bench",
             "--what",
             "pmap",
+            "--arch",
+            "amd64",
+            "--iters",
+            "1000",
             "--pmap-ranges",
             "2",
             "--pmap-rounds",
             "3",
             "--pmap-samples",
             "4",
+            "--json",
+            "--no-host",
         ]) else {
             panic!("expected bench")
         };
         assert_eq!(b.what, BenchWhat::Pmap);
         assert!(!b.what.access() && b.what.pmap());
+        assert_eq!(b.arch, Formats(vec![FormatId::Amd64]));
+        assert_eq!(b.iters, 1000);
         assert_eq!((b.pmap_ranges, b.pmap_rounds, b.pmap_samples), (2, 3, 4));
-        let Ok(Command::Bench(b)) = parse(&["vmsim", "bench", "--what", "access"]) else {
-            panic!("expected bench")
-        };
-        assert!(b.what.access() && !b.what.pmap());
+        assert!(b.json && b.no_host);
     }
 
     #[test]
     fn bad_values_are_errors() {
         for bad in [
             &["vmsim", "--arch", "x86"][..],
-            &["vmsim", "run", "--arch", "amd64,sparc"],
+            &["vmsim", "run", "--arch", "amd64,arm64"],
             &["vmsim", "run", "--cpus", "0"],
             &["vmsim", "run", "--cpus", "257"],
             &["vmsim", "run", "--mem", "lots"],
+            &["vmsim", "run", "--ops", "0"],
+            &["vmsim", "run", "--ops", "many"],
+            &["vmsim", "run", "--seed", "-1"],
+            &["vmsim", "run", "--audit-every", "x"],
             &["vmsim", "run", "--detector", "sometimes"],
             &["vmsim", "run", "--sample-period", "0"],
             &["vmsim", "run", "--sample-period", "5000000000"],
-            &["vmsim", "run", "--remap-every", "x"],
+            &["vmsim", "run", "--remap-every", "5"],
+            &["vmsim", "run", "--json=yes"],
+            &["vmsim", "layout", "--split", "4g0g"],
+            &["vmsim", "layout", "--arch", "sparc"],
+            &["vmsim", "layout", "--ops", "3"],
             &["vmsim", "bench", "--iters", "0"],
             &["vmsim", "bench", "--cpus", "2"],
             &["vmsim", "bench", "--what", "everything"],
@@ -388,6 +505,32 @@ mod tests {
         ] {
             let e = parse(bad).expect_err(&format!("{bad:?} should be rejected"));
             assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    /// Every option of every command has help text.
+    #[test]
+    fn every_option_is_explained() {
+        let cmd = Cli::command();
+        let mut cmds = vec![&cmd];
+        cmds.extend(cmd.get_subcommands());
+        for c in cmds {
+            assert!(
+                c.get_about().is_some() || c.get_name() == "vmsim",
+                "{}",
+                c.get_name()
+            );
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    a.get_help().is_some(),
+                    "{} --{id} has no help",
+                    c.get_name()
+                );
+            }
         }
     }
 

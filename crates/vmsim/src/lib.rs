@@ -1,10 +1,12 @@
 //! vmsim: the command-line program that runs vmsys's simulated machine.
 //!
 //! - [`cli`]: the command line (clap).
-//! - [`run`]: `vmsim run`, the multi-CPU workload under changing mappings, with the page tables
-//!   and access loop in [`workload`].
-//! - [`bench`]: `vmsim bench`, the cost of a simulated access; [`pmap_bench`], the cost of the
-//!   pmap's map, unmap and extract against the x86_64 crate's page-table code.
+//! - [`run`]: `vmsim run`, one machine with the pmap and a mixed workload on every CPU
+//!   ([`workload`], its operation kinds in [`ops`], its data frames in [`frames`], the platform
+//!   wrapper with the planted bug in [`plat`]).
+//! - [`layout`]: `vmsim layout`, the kernel address-space layout and kernel page-table sync costs.
+//! - [`bench`]: `vmsim bench`, the cost of a simulated access; [`pmap_bench`], the pmap against
+//!   the x86_64 crate; [`host_bench`], this host's own page fault and fork for reference.
 //! - [`report`]: what the commands print.
 //!
 //! The commands are library functions that write to any `io::Write`, so tests call them
@@ -14,7 +16,12 @@ pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod flush_bench;
+pub mod frames;
+pub mod host_bench;
 pub mod kmem_bench;
+pub mod layout;
+pub mod ops;
+pub mod plat;
 pub mod pmap_bench;
 pub mod report;
 pub mod run;

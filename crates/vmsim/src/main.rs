@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 use clap::Parser;
 use vmsim::cli::{Cli, Command};
-use vmsim::{bench, run};
+use vmsim::{bench, layout, run};
 
 const USAGE_ERROR: u8 = 2;
 
@@ -20,7 +20,8 @@ fn main() -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match cli.into_command() {
-        Command::Run(args) => run::run(&args, &mut out).map(|s| s.failed()),
+        Command::Run(args) => run::run(&args, &mut out).map(|r| r.failed()),
+        Command::Layout(args) => layout::layout(&args, &mut out).map(|()| false),
         Command::Bench(args) => bench::bench(&args, &mut out).map(|()| false),
     };
     let _ = out.flush();

@@ -1,64 +1,16 @@
 //! What the commands print. Kept apart from the running so that the numbers a run produces
-//! (`FormatReport`) can be checked by tests and printed in more ways later.
+//! ([`RunReport`]) can be checked by tests and printed in more ways (the JSON is its serde
+//! form).
 
 use std::io::{self, Write};
 use std::time::Duration;
 
-use vmsys_arch::FormatId;
-use vmsys_sim::{CounterSnapshot, DetectorMode};
+use vmsys_sim::DetectorMode;
 
-use crate::cli::RunArgs;
+use crate::ops::{Group, OpKind};
 use crate::pmap_bench::{PmapBench, FORMAT, RANGE_PAGES};
+use crate::run::RunReport;
 use crate::units::format_size;
-use crate::workload::{CpuStats, Shape};
-
-/// Everything `run` learned about one format.
-#[derive(Clone, Debug)]
-pub struct FormatReport {
-    pub format: FormatId,
-    pub cpus: u32,
-    pub mem: u64,
-    pub detector: DetectorMode,
-    pub ops_per_cpu: u64,
-    pub shape: Shape,
-    /// Machine counters over the run (summed over CPUs).
-    pub counters: CounterSnapshot,
-    /// What the CPUs did and saw during the run.
-    pub stats: CpuStats,
-    /// The check after the run that every page reads its current frame.
-    pub final_check: CpuStats,
-    pub checks: u64,
-    pub excused: u64,
-    pub audit_violations: u64,
-    /// Every violation, the audit's included.
-    pub violation_count: u64,
-    /// The first few violations, described.
-    pub violations: Vec<String>,
-    pub elapsed: Duration,
-}
-
-impl FormatReport {
-    /// Accesses the workload made during the run.
-    pub fn accesses(&self) -> u64 {
-        self.stats.reads + self.stats.writes
-    }
-
-    /// Wrong values read and faults a correct system cannot take, during and after the run.
-    pub fn errors(&self) -> u64 {
-        self.stats.content_errors
-            + self.stats.unexpected_faults
-            + self.final_check.content_errors
-            + self.final_check.unexpected_faults
-    }
-
-    pub fn failed(&self) -> bool {
-        self.violation_count > 0 || self.errors() > 0
-    }
-
-    pub fn throughput(&self) -> f64 {
-        per_second(self.accesses(), self.elapsed)
-    }
-}
 
 /// `n` events in `d`, per second (0 for an empty interval).
 pub fn per_second(n: u64, d: Duration) -> f64 {
@@ -97,18 +49,31 @@ pub fn detector_name(d: DetectorMode) -> String {
     }
 }
 
-pub fn print_run_header(out: &mut dyn Write, a: &RunArgs) -> io::Result<()> {
-    let names: Vec<&str> = a.arch.0.iter().map(|f| f.name()).collect();
+fn row(out: &mut dyn Write, label: &str, value: std::fmt::Arguments<'_>) -> io::Result<()> {
+    writeln!(out, "  {label:<24}{value}")
+}
+
+/// The report of `vmsim run`.
+pub fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
     writeln!(
         out,
-        "vmsim run: {} | {} CPUs, {} each | {} accesses per CPU | CPU 0 remaps every {} | detector {} | seed {}",
-        names.join(", "),
-        a.cpus,
-        format_size(a.mem),
-        a.ops,
-        a.remap_every,
-        detector_name(a.detector_mode()),
-        a.seed
+        "vmsim run: {} | {} CPUs | {} | {} ops | seed {} | detector {} | audit every {}{}",
+        r.arch,
+        r.cpus,
+        format_size(r.mem),
+        r.ops,
+        r.seed,
+        r.detector,
+        if r.audit_every == 0 {
+            "(end only)".to_string()
+        } else {
+            format!("{} ops", r.audit_every)
+        },
+        if r.omit_shootdown {
+            " | PLANTED BUG: shootdowns omitted"
+        } else {
+            ""
+        }
     )?;
     if cfg!(debug_assertions) {
         writeln!(
@@ -116,177 +81,139 @@ pub fn print_run_header(out: &mut dyn Write, a: &RunArgs) -> io::Result<()> {
             "(debug build: use --release for meaningful throughput)"
         )?;
     }
-    Ok(())
-}
-
-fn row(out: &mut dyn Write, label: &str, value: std::fmt::Arguments<'_>) -> io::Result<()> {
-    writeln!(out, "  {label:<22}{value}")
-}
-
-pub fn print_format(out: &mut dyn Write, r: &FormatReport) -> io::Result<()> {
-    let c = &r.counters;
-    let s = &r.stats;
     writeln!(out)?;
-    writeln!(
-        out,
-        "== {} == {} CPUs, {}, detector {}",
-        r.format,
-        r.cpus,
-        format_size(r.mem),
-        detector_name(r.detector)
-    )?;
-    let sp = match r.shape.superpage {
-        Some((size, 1)) => format!(", one {} superpage (fixed)", format_size(size)),
-        Some((size, n)) => format!(", one {} superpage ({n} frames)", format_size(size)),
-        None => ", no superpage (memory too small)".into(),
-    };
+    writeln!(out, "operations")?;
+    for g in [Group::Space, Group::Access, Group::User, Group::Kernel] {
+        let kinds: Vec<String> = OpKind::ALL
+            .iter()
+            .filter(|k| k.group() == g)
+            .map(|k| {
+                format!(
+                    "{} {}",
+                    k.name(),
+                    r.ops_by_kind.get(k.name()).copied().unwrap_or(0)
+                )
+            })
+            .collect();
+        let label = match g {
+            Group::Space => "address spaces",
+            Group::Access => "accesses",
+            Group::User => "user mappings",
+            Group::Kernel => "kernel mappings",
+        };
+        row(out, label, format_args!("{}", kinds.join(", ")))?;
+    }
+    let p = &r.pmap;
+    writeln!(out, "pmap")?;
     row(
         out,
-        "tables",
+        "promotions / demotions",
         format_args!(
-            "{} kernel (global) + {} user 4 KiB pages{sp}",
-            r.shape.kernel_pages, r.shape.user_pages
+            "{} / {} (failed promotion checks {}, failed demotions {})",
+            p.promotions, p.demotions, p.promotion_failures, p.demotion_failures
         ),
     )?;
     row(
         out,
-        "accesses",
-        format_args!("{} ({} reads, {} writes)", r.accesses(), s.reads, s.writes),
-    )?;
-    let lookups = c.tlb_hits + c.tlb_misses;
-    row(
-        out,
-        "TLB hits / misses",
+        "page-table pages",
         format_args!(
-            "{} / {} ({:.2}% hits)",
-            c.tlb_hits,
-            c.tlb_misses,
-            percent(c.tlb_hits, lookups)
+            "{} in use at the end ({} user, {} kernel); {} allocated, {} freed during the run",
+            p.ptp_pages, p.user_ptps, p.kernel_ptps, p.ptps_allocated, p.ptps_freed
         ),
     )?;
     row(
         out,
-        "walks",
-        format_args!("{} (walk-cache hits {})", c.walks, c.walk_cache_hits),
-    )?;
-    row(out, "A/D updates", format_args!("{}", c.ad_updates))?;
-    row(
-        out,
-        "faults",
+        "PV entries",
         format_args!(
-            "{} (inside a break-before-make: {}, unexpected: {})",
-            c.faults, s.transient_faults, s.unexpected_faults
+            "{} in use at the end ({} superpages mapped)",
+            p.pv_entries, p.superpages
         ),
     )?;
     row(
         out,
-        "local invalidations",
-        format_args!("{}", c.local_invalidations),
+        "KVA in use",
+        format_args!(
+            "{} grown by growkernel, {} kernel pages mapped; {} address spaces at the end",
+            format_size(p.kva_grown),
+            p.kernel_pages_mapped,
+            p.address_spaces_at_end
+        ),
     )?;
+    let t = &r.tlb;
+    writeln!(out, "TLB")?;
     row(
         out,
-        "broadcast invals",
+        "invalidations",
         format_args!(
-            "{} (applied by other CPUs: {})",
-            c.broadcast_invalidations, c.remote_invalidations
+            "{} local, {} broadcast (applied remotely {}); pmap shootdowns {}",
+            t.local_invalidations, t.broadcast_invalidations, t.remote_invalidations, p.shootdowns
         ),
     )?;
     row(
         out,
         "IPIs sent / handled",
-        format_args!("{} / {}", c.ipis_sent, c.ipis_handled),
+        format_args!("{} / {}", t.ipis, t.ipis_handled),
     )?;
-    row(out, "remaps", format_args!("{}", s.remaps))?;
     row(
         out,
-        "detector checks",
+        "hit rate",
         format_args!(
-            "{} (stale inside an open update, excused: {})",
-            r.checks, r.excused
+            "{:.2}% ({} hits, {} misses, {} walks, {} faults)",
+            100.0 * t.hit_rate,
+            t.hits,
+            t.misses,
+            t.walks,
+            t.faults
+        ),
+    )?;
+    let c = &r.checks;
+    let a = &r.audit;
+    writeln!(out, "checks")?;
+    row(
+        out,
+        "values checked",
+        format_args!(
+            "{} by owners, {} by visitors ({} visitor reads raced a change and were not judged), {} soft write faults, {} pages of unaccessed superpages destroyed by demotion",
+            c.owner_accesses, c.visitor_reads, c.visitor_reads_discarded, c.soft_faults, c.destroyed_superpage_pages
         ),
     )?;
     row(
         out,
-        "wrong values read",
+        "audits",
         format_args!(
-            "{} during the run, {} in the final check",
-            s.content_errors, r.final_check.content_errors
+            "{} (pmap invariants + every CPU's TLB), detector checks {}",
+            a.checks, t.detector_checks
         ),
     )?;
     row(
         out,
         "violations",
         format_args!(
-            "{} ({} found by the audit after the run)",
-            r.violation_count, r.audit_violations
+            "{} (pmap audit {}, machine audit {}, detector {}, workload {})",
+            a.violations,
+            a.pmap_violations,
+            a.machine_violations,
+            a.detector_violations,
+            a.workload_errors
         ),
     )?;
-    for v in &r.violations {
-        writeln!(out, "    {v}")?;
-    }
-    if r.violation_count > r.violations.len() as u64 {
-        writeln!(
-            out,
-            "    ... and {} more",
-            r.violation_count - r.violations.len() as u64
-        )?;
-    }
-    for e in s.errors.iter().chain(&r.final_check.errors) {
-        writeln!(out, "    {e}")?;
+    for pr in &r.problems {
+        writeln!(out, "    {pr}")?;
     }
     row(
         out,
         "throughput",
-        format_args!("{}accesses/s", si(r.throughput())),
+        format_args!(
+            "{}ops/s ({} ops in {:.3} s)",
+            si(r.ops_per_s),
+            r.ops,
+            r.elapsed_s
+        ),
     )?;
-    row(
-        out,
-        "elapsed",
-        format_args!("{:.3} s", r.elapsed.as_secs_f64()),
-    )?;
-    Ok(())
-}
-
-pub fn print_summary(out: &mut dyn Write, reports: &[FormatReport]) -> io::Result<()> {
-    writeln!(out)?;
-    writeln!(
-        out,
-        "{:<12}{:>5}{:>11}{:>9}{:>8}{:>11}{:>8}{:>13}{:>10}",
-        "format",
-        "CPUs",
-        "accesses",
-        "TLB hit",
-        "remaps",
-        "violations",
-        "errors",
-        "accesses/s",
-        "elapsed"
-    )?;
-    for r in reports {
-        let c = &r.counters;
-        writeln!(
-            out,
-            "{:<12}{:>5}{:>11}{:>8.2}%{:>8}{:>11}{:>8}{:>13}{:>8.3} s",
-            r.format.name(),
-            r.cpus,
-            r.accesses(),
-            percent(c.tlb_hits, c.tlb_hits + c.tlb_misses),
-            r.stats.remaps,
-            r.violation_count,
-            r.errors(),
-            si(r.throughput()),
-            r.elapsed.as_secs_f64()
-        )?;
-    }
-    let bad: Vec<&str> = reports
-        .iter()
-        .filter(|r| r.failed())
-        .map(|r| r.format.name())
-        .collect();
-    if bad.is_empty() {
-        writeln!(out, "result: OK, no violations")
+    if r.failed {
+        writeln!(out, "result: FAILED")
     } else {
-        writeln!(out, "result: FAILED ({})", bad.join(", "))
+        writeln!(out, "result: OK, no violations")
     }
 }
 

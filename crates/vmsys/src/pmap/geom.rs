@@ -23,8 +23,8 @@ pub struct LevelGeom {
     pub leaf_addr: u64,
     /// `table` and `leaf` as patterns that never match when absent, so the hot-path tests are
     /// one AND and one compare.
-    table_pat: Pattern,
-    leaf_pat: Pattern,
+    pub(crate) table_pat: Pattern,
+    pub(crate) leaf_pat: Pattern,
 }
 
 /// Matches no entry (`raw & 0` is never 1).

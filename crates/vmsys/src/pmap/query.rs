@@ -39,16 +39,18 @@ impl<P: Platform> PmapSystem<P> {
         let g = &self.geom;
         let t = self.tables();
         let va = va.as_u64();
+        let eb = g.entry_bytes;
         let mut table = pmap.root.as_u64();
-        for lvl in 0..g.nlevels {
-            let raw = t.load(g.slot(table, g.index(va, lvl)));
-            if g.is_table(raw, lvl) {
-                table = g.table_pa(raw, lvl);
+        // One pass over the level descriptions, each step one load and two pattern tests.
+        for l in &g.levels[..g.nlevels] {
+            let idx = (va >> l.shift) & (l.entries as u64 - 1);
+            let raw = t.load(table + idx * eb);
+            if l.table_pat.matches(raw) {
+                table = raw & l.table_addr;
                 continue;
             }
-            if g.is_leaf_not_table(raw, lvl) {
-                let span = g.levels[lvl].span;
-                return Some(PhysAddr::new(g.leaf_pa(raw, lvl) | (va & (span - 1))));
+            if l.leaf_pat.matches(raw) {
+                return Some(PhysAddr::new((raw & l.leaf_addr) | (va & (l.span - 1))));
             }
             return None;
         }
