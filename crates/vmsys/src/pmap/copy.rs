@@ -53,12 +53,8 @@ impl<P: Platform> PmapSystem<P> {
         };
         'walk: while va < eva {
             match self.cursor_at(src, va) {
-                Found::Hole { next } => {
-                    if next == 0 || next <= va {
-                        break;
-                    }
-                    va = next;
-                }
+                Found::Hole { next: Some(next) } => va = next,
+                Found::Hole { next: None } => break,
                 Found::Super { level, raw, .. } => {
                     let span = g.levels[level].span;
                     let base = va & !(span - 1);

@@ -17,8 +17,8 @@ use super::{Pmap, PmapError, PmapState, PmapSystem};
 
 /// What the range cursor found at an address.
 pub(crate) enum Found {
-    /// Nothing mapped up to `next`.
-    Hole { next: u64 },
+    /// Nothing mapped up to `next` (`None`: nothing up to the end of the address space).
+    Hole { next: Option<u64> },
     /// A run of last-level entries: the table, and the first index.
     Run { table: u64, idx: usize },
     /// A superpage leaf.
@@ -58,8 +58,9 @@ impl<P: Platform> PmapSystem<P> {
                 };
             }
             let span = g.levels[lvl].span;
+            let next = (va & !(span - 1)).wrapping_add(span);
             return Found::Hole {
-                next: (va & !(span - 1)).wrapping_add(span),
+                next: (next > va).then_some(next),
             };
         }
         unreachable!("the last level returns")
@@ -106,12 +107,8 @@ impl<P: Platform> PmapSystem<P> {
         let mut va = sva;
         while va < eva {
             match self.cursor_at(pmap, va) {
-                Found::Hole { next } => {
-                    if next == 0 || next <= va {
-                        break;
-                    }
-                    va = next;
-                }
+                Found::Hole { next: Some(next) } => va = next,
+                Found::Hole { next: None } => break,
                 Found::Run { table, idx } => {
                     let n = g.run_len(idx, (eva - va) / PAGE_SIZE);
                     self.remove_run(pmap, st, table, va, idx, n, flush);
@@ -422,12 +419,8 @@ impl<P: Platform> PmapSystem<P> {
         let mut result = Ok(());
         while va < eva {
             match self.cursor_at(pmap, va) {
-                Found::Hole { next } => {
-                    if next == 0 || next <= va {
-                        break;
-                    }
-                    va = next;
-                }
+                Found::Hole { next: Some(next) } => va = next,
+                Found::Hole { next: None } => break,
                 Found::Run { table, idx } => {
                     let last = g.last();
                     let n = g.run_len(idx, (eva - va) / PAGE_SIZE);
@@ -504,12 +497,8 @@ impl<P: Platform> PmapSystem<P> {
         let mut va = s;
         while va < e {
             match self.cursor_at(pmap, va) {
-                Found::Hole { next } => {
-                    if next == 0 || next <= va {
-                        break;
-                    }
-                    va = next;
-                }
+                Found::Hole { next: Some(next) } => va = next,
+                Found::Hole { next: None } => break,
                 Found::Run { table, idx } => {
                     let n = g.run_len(idx, (e - va) / PAGE_SIZE);
                     let t = self.tables();
@@ -554,12 +543,8 @@ impl<P: Platform> PmapSystem<P> {
         let unwired = |raw: u64| raw & !g.wired_bit;
         while va < e {
             match self.cursor_at(pmap, va) {
-                Found::Hole { next } => {
-                    if next == 0 || next <= va {
-                        break;
-                    }
-                    va = next;
-                }
+                Found::Hole { next: Some(next) } => va = next,
+                Found::Hole { next: None } => break,
                 Found::Run { table, idx } => {
                     let n = g.run_len(idx, (e - va) / PAGE_SIZE);
                     let t = self.tables();
