@@ -140,7 +140,7 @@ pub fn compute(args: &LayoutArgs) -> Result<LayoutReport, CliError> {
         // The first chunk of the next root entry (or the first one if the KVA starts on one);
         // one chunk if the KVA has no further root entry (LA57: one entry spans 256 TiB).
         let limit = quick_base & !(chunk - 1);
-        let target = if end % root_span == 0 {
+        let target = if end.is_multiple_of(root_span) {
             end + chunk
         } else {
             end.checked_next_multiple_of(root_span)
