@@ -128,9 +128,9 @@ impl DetectorArg {
 }
 
 /// Default of `run --ops`.
-pub const DEFAULT_OPS: u64 = 200_000;
+pub const DEFAULT_OPS: u64 = 40_000;
 /// Default of `run --audit-every`.
-pub const DEFAULT_AUDIT_EVERY: u64 = 25_000;
+pub const DEFAULT_AUDIT_EVERY: u64 = 10_000;
 
 /// Options of `vmsim run`.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]

@@ -97,7 +97,7 @@ impl DataFrames {
 
     fn locate(&self, pa: u64) -> (u32, u32) {
         assert!(
-            pa >= self.start && pa < self.end() && pa % PAGE == 0,
+            pa >= self.start && pa < self.end() && pa.is_multiple_of(PAGE),
             "frame {pa:#x} is not one of ours"
         );
         let off = pa - self.start;

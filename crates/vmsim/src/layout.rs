@@ -140,7 +140,7 @@ pub fn compute(args: &LayoutArgs) -> Result<LayoutReport, CliError> {
         // The first chunk of the next root entry (or the first one if the KVA starts on one);
         // one chunk if the KVA has no further root entry (LA57: one entry spans 256 TiB).
         let limit = quick_base & !(chunk - 1);
-        let target = if end % root_span == 0 {
+        let target = if end.is_multiple_of(root_span) {
             end + chunk
         } else {
             end.checked_next_multiple_of(root_span)
@@ -338,6 +338,11 @@ pub fn layout(args: &LayoutArgs, out: &mut dyn Write) -> Result<(), CliError> {
         "range", "start", "end", "size"
     )?;
     for g in &r.regions {
+        // The 64-bit kernel half ends at 2^64, which a u64 shows as 0.
+        let end = match g.end {
+            Some(0) if g.start.is_some_and(|s| s > 0) => "2^64".to_string(),
+            e => hex(e, is32),
+        };
         let size = match (g.start, g.end) {
             (Some(a), Some(b)) => human(b.wrapping_sub(a)),
             _ => "-".into(),
@@ -347,7 +352,7 @@ pub fn layout(args: &LayoutArgs, out: &mut dyn Write) -> Result<(), CliError> {
             "{:<26}{:>w$}  {:>w$}  {:>10}  {}",
             g.name,
             hex(g.start, is32),
-            hex(g.end, is32),
+            end,
             size,
             g.note
         )?;

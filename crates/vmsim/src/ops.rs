@@ -68,10 +68,10 @@ op_kinds! {
     RemoveAll => "remove-all", 20, User, "remove every mapping of one frame (pmap remove_all)";
     Unwire => "unwire", 25, User, "unwire a range (expects NotWired if a mapping in it is unwired)";
     GrowKernel => "growkernel", 3, Kernel, "grow the kernel's page tables and claim the new window";
-    Kenter => "kenter", 40, Kernel, "kenter a page in this CPU's kernel window";
-    Kremove => "kremove", 25, Kernel, "kremove a page of this CPU's kernel window";
-    Qenter => "qenter", 25, Kernel, "qenter a run of pages in this CPU's kernel window";
-    Qremove => "qremove", 20, Kernel, "qremove a run of pages of this CPU's kernel window";
+    Kenter => "kenter", 20, Kernel, "kenter a page in this CPU's kernel window";
+    Kremove => "kremove", 12, Kernel, "kremove a page of this CPU's kernel window";
+    Qenter => "qenter", 12, Kernel, "qenter a run of pages in this CPU's kernel window";
+    Qremove => "qremove", 10, Kernel, "qremove a run of pages of this CPU's kernel window";
     QuickMap => "quick-map", 30, Kernel, "quick_enter_page / quick_remove_page of a frame";
 }
 
@@ -106,7 +106,9 @@ impl OpCounts {
     }
 }
 
-/// Picks kinds at random by weight.
+/// Picks kinds at random by weight. (Kernel-mapping kinds are rarer than user ones: each
+/// change of a global kernel mapping interrupts every CPU, which on an oversubscribed host
+/// costs a scheduling round trip per shootdown.)
 pub struct Picker {
     cumulative: Vec<(u32, OpKind)>,
     total: u32,

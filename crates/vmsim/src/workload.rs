@@ -88,7 +88,7 @@ impl SpinBarrier {
         while self.gen.load(SeqCst) == g {
             c.take_interrupts();
             spins += 1;
-            if spins % 32 == 0 {
+            if spins.is_multiple_of(32) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -1357,7 +1357,7 @@ impl CpuRun<'_, '_> {
         let found = (0..REGIONS).map(|k| (start + k) % REGIONS).find(|&r| {
             let p = &self.spaces[si].pages[r * ppr..(r + 1) * ppr];
             p[0].frame != 0
-                && p[0].frame % self.s.frames.block_size() == 0
+                && p[0].frame.is_multiple_of(self.s.frames.block_size())
                 && p.iter().enumerate().all(|(j, x)| {
                     x.frame == p[0].frame + j as u64 * PAGE
                         && x.w == p[0].w
