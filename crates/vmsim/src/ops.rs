@@ -48,6 +48,7 @@ pub enum Group {
     Access,
     User,
     Kernel,
+    Kmem,
 }
 
 op_kinds! {
@@ -67,12 +68,17 @@ op_kinds! {
     Demote => "demote", 15, User, "remove or protect one page of a superpage region (demotes)";
     RemoveAll => "remove-all", 20, User, "remove every mapping of one frame (pmap remove_all)";
     Unwire => "unwire", 25, User, "unwire a range (expects NotWired if a mapping in it is unwired)";
-    GrowKernel => "growkernel", 3, Kernel, "grow the kernel's page tables and claim the new window";
+    GrowKernel => "kva-alloc", 3, Kernel, "kva_alloc a kernel window (kernel_arena grows the kernel's page tables as it imports)";
     Kenter => "kenter", 20, Kernel, "kenter a page in this CPU's kernel window";
     Kremove => "kremove", 12, Kernel, "kremove a page of this CPU's kernel window";
     Qenter => "qenter", 12, Kernel, "qenter a run of pages in this CPU's kernel window";
     Qremove => "qremove", 10, Kernel, "qremove a run of pages of this CPU's kernel window";
     QuickMap => "quick-map", 30, Kernel, "quick_enter_page / quick_remove_page of a frame";
+    KmemAlloc => "kmem-alloc", 20, Kmem, "kmem_malloc of 1 to 64 pages or of a superpage (which promotes), tagged through its kernel VA";
+    KmemFree => "kmem-free", 16, Kmem, "check a kmem allocation's tags and kmem_free it";
+    IoMap => "io-map", 14, Kmem, "map_io_transient of an owned frame, pinned (local invalidation only), read its tag, unmap";
+    IoMapFault => "io-map-fault", 8, Kmem, "map_io_transient with can_fault (qenter; its unmap is shot down everywhere)";
+    Bounce => "bounce", 14, Kmem, "bounce-buffer copy of an owned frame's tag through a quick mapping";
 }
 
 /// A count per kind.

@@ -83,7 +83,13 @@ pub fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
     }
     writeln!(out)?;
     writeln!(out, "operations")?;
-    for g in [Group::Space, Group::Access, Group::User, Group::Kernel] {
+    for g in [
+        Group::Space,
+        Group::Access,
+        Group::User,
+        Group::Kernel,
+        Group::Kmem,
+    ] {
         let kinds: Vec<String> = OpKind::ALL
             .iter()
             .filter(|k| k.group() == g)
@@ -100,6 +106,7 @@ pub fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
             Group::Access => "accesses",
             Group::User => "user mappings",
             Group::Kernel => "kernel mappings",
+            Group::Kmem => "kernel memory",
         };
         row(out, label, format_args!("{}", kinds.join(", ")))?;
     }
@@ -137,6 +144,35 @@ pub fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
             format_size(p.kva_grown),
             p.kernel_pages_mapped,
             p.address_spaces_at_end
+        ),
+    )?;
+    let k = &r.kmem;
+    writeln!(out, "kernel memory")?;
+    row(
+        out,
+        "allocations",
+        format_args!(
+            "{} kmem_malloc, {} kmem_free, {} refused (memory or KVA short)",
+            k.mallocs, k.frees, k.malloc_failures
+        ),
+    )?;
+    row(
+        out,
+        "KVA per arena",
+        format_args!(
+            "kernel arena {} imported: kmem {}, kva_alloc {}, transient {} in use at the end",
+            format_size(k.kernel_arena_bytes),
+            format_size(k.kmem_bytes),
+            format_size(k.kva_alloc_bytes),
+            format_size(k.transient_bytes)
+        ),
+    )?;
+    row(
+        out,
+        "transient maps",
+        format_args!(
+            "{} direct-map, {} pinned (local invalidation), {} can-fault (qenter); {} bounce copies",
+            k.transient_direct, k.transient_local, k.transient_global, k.bounce_copies
         ),
     )?;
     let t = &r.tlb;

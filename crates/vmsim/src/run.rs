@@ -1,11 +1,13 @@
 //! `vmsim run`: boot one machine with the pmap, run the mixed workload ([`crate::workload`]) on
 //! every CPU at once, audit, and report ([`RunReport`], printed by [`crate::report`]).
 //!
-//! Physical memory of the run: the first MiB is left alone (as on a PC); then the pmap's frame
-//! source (page-table pages and PV chunks, a `FrameList`); then the data frames
-//! ([`DataFrames`]) in superpage-sized blocks; at the very top, one scratch frame per CPU for
-//! quick maps. The machine's direct map covers the lower half of memory, so that the scratch
-//! frames take the quick-map slots on the formats with a direct map.
+//! Physical memory of the run belongs to the buddy allocator (`vmsys::phys`), which the pmap
+//! draws its page-table pages and PV chunks from and whose superpage reservations back kernel
+//! memory (`vmsys::kmem`). At boot the run takes from it, for its own model: a contiguous range
+//! of data frames ([`DataFrames`], in superpage-sized blocks, about half of memory) and, at the
+//! very top, one scratch frame per CPU for quick maps. The machine's direct map covers the lower
+//! half of memory, so that the scratch frames (and some data frames) take the quick-map slots
+//! and the transient-map path on the formats with a direct map.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -14,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vmsys::{FrameList, FrameSource, PhysAddr, PmapConfig, PmapSystem};
+use vmsys::kmem::{Kmem, KmemConfig};
+use vmsys::page::PageArray;
+use vmsys::phys::{BuddyAllocator, ReservSystem};
+use vmsys::{FrameSource, PhysAddr, Platform, PmapConfig, PmapSystem};
 use vmsys_arch::FormatId;
 use vmsys_sim::{CounterSnapshot, Machine, MachineConfig};
 
@@ -28,8 +33,8 @@ use crate::workload::{mix, CpuStats, Geo, Shared, PAGE, REGIONS};
 
 /// The least memory the run accepts.
 pub const MIN_MEM: u64 = 64 << 20;
-/// The pmap's frame source starts here.
-const PT_START: u64 = 1 << 20;
+/// Data frames start at or above this (the first MiB is left alone, as on a PC).
+const DATA_LOW: u64 = 1 << 20;
 
 /// Everything `vmsim run` found, as printed and as JSON.
 #[derive(Clone, Debug, Serialize)]
@@ -50,6 +55,7 @@ pub struct RunReport {
     pub audit: AuditJson,
     pub pmap: PmapJson,
     pub tlb: TlbJson,
+    pub kmem: KmemJson,
     pub checks: ChecksJson,
     pub frames: FrameStats,
     /// Whether the run found anything wrong (then the exit status is 1).
@@ -94,6 +100,24 @@ pub struct PmapJson {
     pub kva_grown: u64,
     pub kernel_pages_mapped: u64,
     pub address_spaces_at_end: u64,
+}
+
+/// Kernel memory: counts over the run, and KVA per arena at the end of the operations.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KmemJson {
+    pub mallocs: u64,
+    pub frees: u64,
+    pub malloc_failures: u64,
+    pub transient_direct: u64,
+    pub transient_local: u64,
+    pub transient_global: u64,
+    pub bounce_copies: u64,
+    /// Bytes imported by kernel_arena (the kernel range grown for the arenas).
+    pub kernel_arena_bytes: u64,
+    /// Bytes in use by kmem_malloc, kva_alloc and transient maps.
+    pub kmem_bytes: u64,
+    pub kva_alloc_bytes: u64,
+    pub transient_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -169,9 +193,45 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
     let m = Machine::new(machine_config(args)).map_err(|err| CliError::Config { format, err })?;
     let mem = m.mem().size();
     let region = region_size(format);
-    let pt_end = PT_START + (mem / 16).clamp(4 << 20, 32 << 20);
     let scratch_top = (mem - args.cpus as u64 * PAGE) & !(PAGE - 1);
-    let frames = DataFrames::new(pt_end, scratch_top, region);
+    let pages = Arc::new(PageArray::new(m.phys_segments()));
+    let buddy = Arc::new(BuddyAllocator::new(pages.clone()));
+    // The run's own frames, taken from the buddy before anything else runs.
+    // From 16 MiB below the direct map's end (half of memory): the data frames the CPUs use
+    // first (the lowest) lie on both sides of it, so transient and quick maps of them take both
+    // paths. Memory below and the last quarter above stay the buddy's, for kmem and tables.
+    // On a small machine the data frames move down so that they get what the run needs, and
+    // at least an eighth of memory stays for kmem and the page tables.
+    let need_bytes = 2 * REGIONS as u64 * args.cpus as u64 * region;
+    let data_low = (mem / 2)
+        .saturating_sub(16 << 20)
+        .min(scratch_top.saturating_sub(need_bytes + mem / 8))
+        .max(DATA_LOW)
+        .next_multiple_of(region);
+    let room = scratch_top.saturating_sub(data_low);
+    let data_bytes = (room / 4 * 3).max(need_bytes).min(room) & !(region - 1);
+    let data = buddy
+        .alloc_contig(
+            0,
+            data_bytes / PAGE,
+            PhysAddr::new(data_low),
+            PhysAddr::new(scratch_top),
+            region,
+            0,
+        )
+        .ok_or_else(|| CliError::setup(format, "no contiguous range for the data frames"))?;
+    let scratch = buddy
+        .alloc_contig(
+            0,
+            args.cpus as u64,
+            PhysAddr::new(scratch_top),
+            PhysAddr::new(mem),
+            PAGE,
+            0,
+        )
+        .ok_or_else(|| CliError::setup(format, "no scratch frames at the top of memory"))?;
+    debug_assert_eq!(scratch.as_u64(), scratch_top);
+    let frames = DataFrames::new(data.as_u64(), data.as_u64() + data_bytes, region);
     let blocks = (frames.end() - frames.start()) / region;
     let need = 2 * REGIONS as u64 * args.cpus as u64;
     if blocks < need {
@@ -191,20 +251,33 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
         args.omit_shootdown,
         cfg.shootdown_vector,
     ));
-    let pt = Arc::new(FrameList::new(
-        PhysAddr::new(PT_START),
-        PhysAddr::new(pt_end),
-    ));
-    let sys = PmapSystem::bootstrap(plat, pt.clone() as Arc<dyn FrameSource>, cfg)
-        .map_err(|e| CliError::setup(format, format!("pmap bootstrap: {e}")))?;
+    let sys =
+        PmapSystem::bootstrap_with_pages(plat, buddy.clone() as Arc<dyn FrameSource>, pages, cfg)
+            .map_err(|e| CliError::setup(format, format!("pmap bootstrap: {e}")))?;
     m.run_on_all(|_| sys.init_cpu());
+    sys.install_fault_handler();
+    let sp = sys.page_sizes().nth(1).unwrap_or(PAGE);
+    let reserv = Arc::new(ReservSystem::new(
+        buddy.clone(),
+        (sp / PAGE).trailing_zeros() as usize,
+    ));
+    let kmem = m
+        .run_on(0, |_| Kmem::new(sys.clone(), reserv, KmemConfig::default()))
+        .map_err(|e| CliError::setup(format, format!("kernel memory: {e}")))?;
     let geo = Geo {
         base: window_base(format),
         region,
         ppr: (region / PAGE) as usize,
         scratch_top,
     };
-    let shared = Shared::new(m.clone(), sys.clone(), frames, geo, args.audit_every);
+    let shared = Shared::new(
+        m.clone(),
+        sys.clone(),
+        kmem.clone(),
+        frames,
+        geo,
+        args.audit_every,
+    );
     let seed = mix(args.seed, format as u64 + 1);
     let cpus = args.cpus as u64;
     let counters0 = m.counters();
@@ -261,6 +334,26 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
             "{} data frames not returned after the teardown",
             fs.pages_total - fs.pages_free
         ));
+    }
+    // Kernel memory is all back, and every frame the buddy still has out is the run's own
+    // ranges or a page the pmap holds (kernel page tables never go back).
+    let ks = kmem.stats();
+    if ks.kmem_bytes != 0 || ks.transient_bytes != 0 {
+        leaks.push(format!(
+            "after the teardown kmem still holds {} bytes of memory and {} of transient KVA",
+            ks.kmem_bytes, ks.transient_bytes
+        ));
+    }
+    let own = data_bytes / PAGE + args.cpus as u64;
+    if let Ok(rep) = m.run_on(0, |_| sys.audit()) {
+        if buddy.in_use() != own + rep.frames_held {
+            leaks.push(format!(
+                "frames: the buddy has {} out after the teardown; the run's own {own} and the pmap's {} account for {}",
+                buddy.in_use(),
+                rep.frames_held,
+                own + rep.frames_held
+            ));
+        }
     }
 
     let mut st = CpuStats::default();
@@ -335,6 +428,23 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
             kva_grown: snap.kernel_end.saturating_sub(kva_start),
             kernel_pages_mapped: snap.kernel_resident,
             address_spaces_at_end: snap.spaces,
+        },
+        kmem: {
+            let k = kmem.stats();
+            let e = &snap.kmem;
+            KmemJson {
+                mallocs: k.mallocs,
+                frees: k.frees,
+                malloc_failures: k.malloc_failures,
+                transient_direct: k.transient_direct,
+                transient_local: k.transient_local,
+                transient_global: k.transient_global,
+                bounce_copies: k.bounce_copies,
+                kernel_arena_bytes: e.kernel_arena_bytes,
+                kmem_bytes: e.kmem_bytes,
+                kva_alloc_bytes: e.kva_bytes,
+                transient_bytes: e.transient_bytes,
+            }
         },
         tlb: TlbJson {
             local_invalidations: c.local_invalidations,

@@ -33,6 +33,7 @@ use vmsys_sim::{Cpu, Machine};
 use crate::frames::DataFrames;
 use crate::ops::{OpCounts, OpKind, Picker};
 use crate::plat::SimPlat;
+use vmsys::kmem::Kmem;
 
 pub const PAGE: u64 = 4096;
 /// Regions (each one superpage of the format's smallest size) per address space.
@@ -58,6 +59,8 @@ pub fn mix(a: u64, b: u64) -> u64 {
 
 /// The PmapSystem of a run.
 pub type Sys = PmapSystem<SimPlat>;
+/// Live kmem allocations a CPU keeps at most.
+const MAX_KALLOCS: usize = 12;
 
 /// A barrier whose waiters keep taking interrupts (shootdowns, the machine's audit), which a
 /// host `Barrier` would not: a CPU blocked in one would deadlock any CPU that interrupts it.
@@ -103,21 +106,6 @@ fn spin_until(c: &Cpu<'_>, done: impl Fn() -> bool) {
     while !done() {
         c.take_interrupts();
         std::thread::yield_now();
-    }
-}
-
-/// Lock `m`, taking interrupts while it is held elsewhere (a CPU blocked in a plain lock
-/// would never acknowledge the shootdown its holder may be waiting for).
-fn lock_servicing<'m, T>(c: &Cpu<'_>, m: &'m Mutex<T>) -> std::sync::MutexGuard<'m, T> {
-    loop {
-        match m.try_lock() {
-            Ok(g) => return g,
-            Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                c.take_interrupts();
-                std::thread::yield_now();
-            }
-        }
     }
 }
 
@@ -185,11 +173,11 @@ impl Geo {
 pub struct Shared {
     pub m: Arc<Machine>,
     pub sys: Arc<Sys>,
+    pub kmem: Arc<Kmem<SimPlat>>,
     pub frames: DataFrames,
     pub geo: Geo,
     spaces: Mutex<Vec<Arc<SpaceShared>>>,
     kwins: Mutex<Vec<Arc<KWinShared>>>,
-    kva: Mutex<()>,
     next_tag: AtomicU64,
     /// Operations done by all CPUs (the progress bar reads it).
     pub done: AtomicU64,
@@ -213,6 +201,8 @@ pub struct Snapshot {
     pub kernel_resident: u64,
     pub kernel_end: u64,
     pub spaces: u64,
+    /// Kernel memory (arenas, allocations) at the end of the operations.
+    pub kmem: vmsys::kmem::KmemSnapshot,
 }
 
 /// What one CPU did and saw.
@@ -295,6 +285,8 @@ struct CpuRun<'a, 'c> {
     scratch: u64,
     /// (space, region) mapped by an unaccessed superpage when its change began.
     droppable: Vec<(usize, usize)>,
+    /// Live kmem_malloc allocations: (va, size, tag in the first and last word).
+    kallocs: Vec<(u64, u64, u64)>,
 }
 
 /// What each CPU hands back at the end.
@@ -306,6 +298,7 @@ impl Shared {
     pub fn new(
         m: Arc<Machine>,
         sys: Arc<Sys>,
+        kmem: Arc<Kmem<SimPlat>>,
         frames: DataFrames,
         geo: Geo,
         audit_every: u64,
@@ -314,11 +307,11 @@ impl Shared {
         Shared {
             m,
             sys,
+            kmem,
             frames,
             geo,
             spaces: Mutex::new(Vec::new()),
             kwins: Mutex::new(Vec::new()),
-            kva: Mutex::new(()),
             next_tag: AtomicU64::new(1),
             done: AtomicU64::new(0),
             audit_every,
@@ -352,6 +345,7 @@ impl Shared {
             kwins: Vec::new(),
             scratch: self.geo.scratch_top + me as u64 * PAGE,
             droppable: Vec::new(),
+            kallocs: Vec::new(),
         };
         // Start with one address space, active here.
         if r.create_space() {
@@ -398,6 +392,7 @@ impl Shared {
                 kernel_resident: self.sys.kernel_pmap().resident_count(),
                 kernel_end: self.sys.kernel_end().as_u64(),
                 spaces: self.spaces.lock().unwrap().len() as u64,
+                kmem: self.kmem.stats(),
             });
         }
         self.barrier.wait(c);
@@ -444,6 +439,12 @@ impl Shared {
                 None
             }
         };
+        if let Err(errs) = self.kmem.audit() {
+            t.pmap_violations += errs.len() as u64;
+            for e in errs {
+                t.note(format!("kmem audit: {e}"));
+            }
+        }
         let v = self.m.audit();
         t.machine_violations += v.len() as u64;
         for x in v {
@@ -704,6 +705,9 @@ impl CpuRun<'_, '_> {
     }
 
     fn verify_all(&mut self) {
+        for i in 0..self.kallocs.len() {
+            self.check_kalloc(i);
+        }
         for si in 0..self.spaces.len() {
             for i in 0..self.s.geo.pages() {
                 self.verify_page(si, i);
@@ -770,6 +774,11 @@ impl CpuRun<'_, '_> {
             OpKind::Qenter => self.qenter(),
             OpKind::Qremove => self.qremove(),
             OpKind::QuickMap => self.quick_map(),
+            OpKind::KmemAlloc => self.kmem_alloc(),
+            OpKind::KmemFree => self.kmem_free(),
+            OpKind::IoMap => self.io_map(false),
+            OpKind::IoMapFault => self.io_map(true),
+            OpKind::Bounce => self.bounce(),
         }
     }
 
@@ -1457,21 +1466,18 @@ impl CpuRun<'_, '_> {
             return false;
         }
         let chunk = self.s.geo.region;
-        // Held across growkernel, which waits for the kernel pmap's lock, whose holder may be
-        // waiting for this CPU... or for a CPU blocked here: so wait taking interrupts.
-        let _k = lock_servicing(self.c, &self.s.kva);
-        let start = self.sys().kernel_end().as_u64();
-        match self.sys().growkernel(VirtAddr::new(start + chunk)) {
-            Ok(end) if end.as_u64() >= start + chunk => {}
-            Ok(end) => {
-                self.err(|| format!("growkernel to {:#x} returned {end}", start + chunk));
-                return true;
-            }
-            Err(PmapError::KvaExhausted | PmapError::ResourceShortage) => return false,
+        // KVA from the kernel-memory layer: kernel_arena grows the kernel's page tables
+        // (growkernel) as it imports, and never hands out what kmem or the transient arena own.
+        let start = match self.s.kmem.kva_alloc(chunk) {
+            Ok(va) => va.as_u64(),
+            Err(vmsys::kmem::KmemError::NoKva(_)) => return false,
             Err(e) => {
-                self.err(|| format!("growkernel: {e}"));
+                self.err(|| format!("kva_alloc({chunk:#x}): {e}"));
                 return true;
             }
+        };
+        if self.sys().kernel_end().as_u64() < start + chunk {
+            self.err(|| format!("kva_alloc gave {start:#x}+{chunk:#x} beyond the grown kernel"));
         }
         let pages = (chunk / PAGE) as usize;
         let sh = Arc::new(KWinShared {
@@ -1685,7 +1691,134 @@ impl CpuRun<'_, '_> {
     }
 
     /// Remove and destroy everything this CPU owns (after the final verification).
+    /// An owned, mapped data frame of the home space (its tag is in word 0).
+    fn own_frame(&mut self) -> Option<u64> {
+        let h = self.home?;
+        let n = self.s.geo.pages();
+        (0..8).find_map(|_| {
+            let i = self.rng.gen_range(0..n);
+            let f = self.spaces[h].pages[i].frame;
+            (f != 0 && self.frames.contains_key(&f)).then_some(f)
+        })
+    }
+
+    fn kmem_alloc(&mut self) -> bool {
+        if self.kallocs.len() >= MAX_KALLOCS {
+            return false;
+        }
+        let k = &self.s.kmem;
+        let size = if self.rng.gen_ratio(1, 6) {
+            k.superpage()
+        } else {
+            self.rng.gen_range(1..=64) * PAGE - self.rng.gen_range(0..PAGE)
+        };
+        let va = match k.kmem_malloc(size, 0, false) {
+            Ok(va) => va.as_u64(),
+            // Memory may run short with every CPU holding allocations: a clean refusal.
+            Err(vmsys::kmem::KmemError::NoMemory) | Err(vmsys::kmem::KmemError::NoKva(_)) => {
+                self.st.skipped += 1;
+                return true;
+            }
+            Err(e) => {
+                self.err(|| format!("kmem_malloc({size:#x}): {e}"));
+                return true;
+            }
+        };
+        let tag = self.s.new_tag();
+        let last = va + size.next_multiple_of(PAGE) - 8;
+        self.c.set_user(false);
+        for a in [va, last] {
+            if let Err(f) = self.c.write_u64(a, tag) {
+                self.err(|| format!("kmem memory at {a:#x} faulted: {f}"));
+            }
+        }
+        self.kallocs.push((va, size, tag));
+        true
+    }
+
+    fn check_kalloc(&mut self, i: usize) {
+        let (va, size, tag) = self.kallocs[i];
+        let last = va + size.next_multiple_of(PAGE) - 8;
+        self.c.set_user(false);
+        for a in [va, last] {
+            self.st.owner_checks += 1;
+            match self.c.read_u64(a) {
+                Ok(v) if v == tag => {}
+                r => self.err(|| format!("kmem memory at {a:#x} read {r:x?}, expected {tag:#x}")),
+            }
+        }
+    }
+
+    fn kmem_free(&mut self) -> bool {
+        if self.kallocs.is_empty() {
+            return false;
+        }
+        let i = self.rng.gen_range(0..self.kallocs.len());
+        self.check_kalloc(i);
+        let (va, size, _) = self.kallocs.swap_remove(i);
+        if let Err(e) = self.s.kmem.kmem_free(VirtAddr::new(va), size) {
+            self.err(|| format!("kmem_free({va:#x}, {size:#x}): {e}"));
+        }
+        true
+    }
+
+    fn io_map(&mut self, can_fault: bool) -> bool {
+        let Some(pa) = self.own_frame() else {
+            return false;
+        };
+        let want = self.frames[&pa].tag;
+        let k = self.s.kmem.clone();
+        let m = match k.map_io_transient(&[PhysAddr::new(pa)], can_fault) {
+            Ok(m) => m,
+            Err(vmsys::kmem::KmemError::NoKva(_)) => {
+                self.st.skipped += 1;
+                return true;
+            }
+            Err(e) => {
+                self.err(|| format!("map_io_transient({pa:#x}): {e}"));
+                return true;
+            }
+        };
+        let va = m.vas[0].as_u64();
+        self.c.set_user(false);
+        self.st.owner_checks += 1;
+        match self.c.read_u64(va) {
+            Ok(v) if v == want => {}
+            r => self.err(|| {
+                format!("transient map of {pa:#x} at {va:#x} read {r:x?}, expected {want:#x}")
+            }),
+        }
+        if let Err((e, _)) = k.unmap_io_transient(m) {
+            self.err(|| format!("unmap_io_transient({pa:#x}): {e}"));
+        }
+        true
+    }
+
+    fn bounce(&mut self) -> bool {
+        let Some(pa) = self.own_frame() else {
+            return false;
+        };
+        let want = self.frames[&pa].tag;
+        let mut b = [0u8; 8];
+        self.st.owner_checks += 1;
+        match self.s.kmem.bounce_from_phys(PhysAddr::new(pa), 0, &mut b) {
+            Ok(()) if u64::from_le_bytes(b) == want => {}
+            r => self.err(|| {
+                format!(
+                    "bounce copy of {pa:#x} gave {:#x} ({r:?}), expected {want:#x}",
+                    u64::from_le_bytes(b)
+                )
+            }),
+        }
+        true
+    }
+
     fn teardown(&mut self) {
+        while let Some((va, size, _)) = self.kallocs.pop() {
+            if let Err(e) = self.s.kmem.kmem_free(VirtAddr::new(va), size) {
+                self.err(|| format!("teardown: kmem_free({va:#x}, {size:#x}): {e}"));
+            }
+        }
         self.switch_to(None);
         while !self.spaces.is_empty() {
             let sh = self.spaces[0].sh.clone();
@@ -1725,6 +1858,9 @@ impl CpuRun<'_, '_> {
             }
             for i in 0..n {
                 self.kset(wi, i, 0);
+            }
+            if let Err(e) = self.s.kmem.kva_free(VirtAddr::new(va), n as u64 * PAGE) {
+                self.err(|| format!("teardown: kva_free: {e}"));
             }
         }
         if !self.frames.is_empty() {

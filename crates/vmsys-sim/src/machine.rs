@@ -611,6 +611,13 @@ impl Machine {
     }
 }
 
+/// How many times one access is retried at the fault handler's request before the fault is
+/// delivered anyway. Hardware retries for ever; the bound only catches a handler that asks for
+/// a retry without fixing anything. It is large because a legitimate retry can lose a race
+/// again: a reader retrying while another CPU keeps remapping the page (arm64
+/// break-before-make) on a host with fewer cores than simulated CPUs.
+const MAX_FAULT_RETRIES: u32 = 1024;
+
 /// A handle for the CPU the calling thread runs on (see [`Machine::run_on`]).
 pub struct Cpu<'m> {
     m: &'m Machine,
@@ -701,7 +708,9 @@ impl<'m> Cpu<'m> {
             };
             let handler = self.m.fault_handler.read().clone();
             match handler {
-                Some(h) if retries < 16 && h(&fault) == FaultResolution::Retry => retries += 1,
+                Some(h) if retries < MAX_FAULT_RETRIES && h(&fault) == FaultResolution::Retry => {
+                    retries += 1
+                }
                 _ => return Err(fault),
             }
             self.take_interrupts();

@@ -9,7 +9,7 @@
 
 use core::sync::atomic::Ordering;
 
-use crate::addr::{PhysAddr, VirtAddr};
+use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
 use crate::page::page_flags;
 
 use super::table::Tables;
@@ -162,8 +162,11 @@ impl<P: Platform> PmapSystem<P> {
             .expect("a counted table has a parent");
         let slot = g.slot(parent, g.index(va, level - 1));
         self.tables().store(slot, 0);
-        let span = g.levels[level - 1].span;
-        flush.add_table(va & !(span - 1), span);
+        // Any address the detached table translated will do (x86 INVLPG drops the tag's whole
+        // walk cache; arm64 TLBI by VA drops the walk entries on that VA's path), and `va`
+        // itself keeps the flush's bounding range tight: the table's aligned base could lie
+        // gigabytes below the leaves being removed and turn a few pages into a huge range.
+        flush.add_table(va & !(PAGE_SIZE - 1), PAGE_SIZE);
         flush.free_after(PhysAddr::new(table));
         self.ptp_unref(pmap, va, level - 1, parent, 1, flush);
     }
