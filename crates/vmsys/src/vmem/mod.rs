@@ -23,6 +23,8 @@
 //! Locking: one `spin::Mutex` for the arena's segments; one per CPU per quantum cache and one
 //! per depot. The arena lock is never held while a cache lock is taken or the source is
 //! called, so sources may be arenas themselves and a source's import may sleep or map pages.
+//! (A CPU cache evicting from its outstanding set takes the arena lock inside the CPU lock:
+//! that order only.)
 
 mod freelist;
 mod hash;
@@ -207,10 +209,11 @@ pub struct ArenaConfig {
     /// Release an imported span when it becomes wholly free (false: keep what is imported,
     /// as FreeBSD's per-domain kernel arenas do).
     pub release_imports: bool,
-    /// Check frees that go to a quantum cache against the arena (one short arena lock per
-    /// cached alloc and free), so that bad frees of cache-sized segments are rejected like
-    /// any other. Off: Bonwick's unchecked fast path, which never takes the arena lock on a
-    /// cache hit; a bad free of a cache-sized segment is then not detected.
+    /// Check frees that go to a quantum cache, so that bad frees of cache-sized segments are
+    /// rejected like any other. A free of a segment this CPU's cache handed out is checked
+    /// against the CPU's outstanding set, under the CPU lock only; any other cache-sized free
+    /// is checked against the arena (its lock). Off: Bonwick's unchecked fast path; a bad free
+    /// of a cache-sized segment is then not detected.
     pub verify_qcache_frees: bool,
 }
 
