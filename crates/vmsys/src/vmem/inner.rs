@@ -149,6 +149,7 @@ impl Inner {
     }
 
     /// Allocate per `policy`, or `None` if no free segment can serve.
+    #[inline]
     pub fn alloc(&mut self, w: &Want, policy: Policy) -> Option<u64> {
         match policy {
             Policy::InstantFit => self.instant_fit(w),
@@ -161,6 +162,7 @@ impl Inner {
     /// segment is large enough (including the worst-case alignment slop) — one bitmap scan and
     /// one list head. Only if no such list exists (or address constraints reject its
     /// segments) are the lists that *may* hold a fit searched.
+    #[inline]
     fn instant_fit(&mut self, w: &Want) -> Option<u64> {
         let q = self.quantum;
         let slop = w.align - q;
@@ -176,6 +178,7 @@ impl Inner {
     }
 
     /// First fit over the non-empty lists in `[from, to)`, lowest list first.
+    #[inline]
     fn first_fit_in(&mut self, w: &Want, from: usize, to: usize) -> Option<u64> {
         let q = self.quantum;
         let mut b = from;
@@ -300,6 +303,7 @@ impl Inner {
 
     /// Allocate `[a, a + size)` out of free tag `i`, splitting off free remainders before and
     /// after. Returns the allocated tag.
+    #[inline]
     fn carve(&mut self, i: u32, a: u64, size: u64) -> u32 {
         let (s, e) = (self.segs.t(i).start, self.segs.t(i).end());
         if a == s && a + size < e {
