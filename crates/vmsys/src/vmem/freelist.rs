@@ -45,7 +45,8 @@ impl FreeLists {
     }
 
     /// Push free tag `i` on the front of its list (LIFO: the most recently freed, cache-warm
-    /// segment is reused first).
+    /// segment is reused first). A free segment that only grows by coalescing or shrinks by
+    /// an allocation from its front keeps its tag and its place unless its list changes.
     #[inline]
     pub fn insert(&mut self, segs: &mut Segs, i: u32) {
         debug_assert_eq!(segs.t(i).kind, Kind::Free);

@@ -71,8 +71,49 @@ impl AllocHash {
         None
     }
 
+    /// Find the allocated tag at `addr` and, if `ok` accepts it, unlink it, in one walk of
+    /// the chain; `work` counts chain entries probed (as `find` would) plus the unlink.
+    #[inline(always)]
+    pub fn take<E>(
+        &mut self,
+        segs: &mut Segs,
+        addr: u64,
+        work: &mut u64,
+        ok: impl FnOnce(u32, &Segs) -> Result<(), E>,
+        missing: E,
+    ) -> Result<u32, E> {
+        let s = self.slot(addr);
+        let mut p = NIL;
+        let mut i = self.buckets[s];
+        loop {
+            *work += 1;
+            if i == NIL {
+                return Err(missing);
+            }
+            if segs.t(i).start == addr {
+                break;
+            }
+            p = i;
+            i = segs.t(i).lnext;
+        }
+        ok(i, segs)?;
+        *work += 1;
+        let n = segs.t(i).lnext;
+        if p == NIL {
+            self.buckets[s] = n;
+        } else {
+            segs.tm(p).lnext = n;
+        }
+        segs.tm(i).lnext = NIL;
+        self.count -= 1;
+        if self.buckets.len() > MIN_BUCKETS && self.count < self.buckets.len() / 16 {
+            self.resize(segs, self.buckets.len() / 4, work);
+        }
+        Ok(i)
+    }
+
     /// Unlink allocated tag `i` (which must be in the table).
-    #[inline]
+    #[cfg(test)]
     pub fn remove(&mut self, segs: &mut Segs, i: u32, work: &mut u64) {
         let s = self.slot(segs.t(i).start);
         let mut p = NIL;

@@ -42,7 +42,7 @@ impl Want {
     }
 
     /// Where in the free segment `[s, e)` the allocation can go (lowest address), if anywhere.
-    #[inline]
+    #[inline(always)]
     pub fn fit(&self, s: u64, e: u64, quantum: u64) -> Option<u64> {
         if self.align == quantum && self.phase == 0 && self.anywhere() {
             return if e - s >= self.size { Some(s) } else { None };
@@ -149,6 +149,7 @@ impl Inner {
     }
 
     /// Allocate per `policy`, or `None` if no free segment can serve.
+    #[inline]
     pub fn alloc(&mut self, w: &Want, policy: Policy) -> Option<u64> {
         match policy {
             Policy::InstantFit => self.instant_fit(w),
@@ -161,6 +162,7 @@ impl Inner {
     /// segment is large enough (including the worst-case alignment slop) — one bitmap scan and
     /// one list head. Only if no such list exists (or address constraints reject its
     /// segments) are the lists that *may* hold a fit searched.
+    #[inline]
     fn instant_fit(&mut self, w: &Want) -> Option<u64> {
         let q = self.quantum;
         let slop = w.align - q;
@@ -176,6 +178,7 @@ impl Inner {
     }
 
     /// First fit over the non-empty lists in `[from, to)`, lowest list first.
+    #[inline]
     fn first_fit_in(&mut self, w: &Want, from: usize, to: usize) -> Option<u64> {
         let q = self.quantum;
         let mut b = from;
@@ -300,7 +303,18 @@ impl Inner {
 
     /// Allocate `[a, a + size)` out of free tag `i`, splitting off free remainders before and
     /// after. Returns the allocated tag.
+    #[inline]
     fn carve(&mut self, i: u32, a: u64, size: u64) -> u32 {
+        let (s, e) = (self.segs.t(i).start, self.segs.t(i).end());
+        if a == s && a + size < e {
+            // The common case: the front of a larger segment. The remainder keeps the free
+            // tag (and its place on its list, unless its size moves it to another list); a new
+            // tag takes the allocation.
+            let j = self.segs.get(Kind::Alloc, a, size);
+            self.segs.insert_before(i, j);
+            self.resize_free(i, a + size, e - a - size);
+            return self.allocated(j, size);
+        }
         self.fl.remove(&mut self.segs, i);
         let (s, e) = (self.segs.t(i).start, self.segs.t(i).end());
         debug_assert!(s <= a && a + size <= e);
@@ -319,11 +333,34 @@ impl Inner {
         t.size = size;
         t.kind = Kind::Alloc;
         t.cached = false;
+        self.allocated(i, size)
+    }
+
+    /// Account for the new allocated tag `i`.
+    #[inline(always)]
+    fn allocated(&mut self, i: u32, size: u64) -> u32 {
         self.hash.insert(&mut self.segs, i, &mut self.c.work);
         self.c.free -= size;
         self.c.in_use += size;
         self.c.live += 1;
         i
+    }
+
+    /// Give free tag `f` (on its free list) a new extent, moving it to another list only if
+    /// its size class changes.
+    #[inline(always)]
+    fn resize_free(&mut self, f: u32, start: u64, size: u64) {
+        if bucket(self.segs.t(f).size) != bucket(size) {
+            self.fl.remove(&mut self.segs, f);
+            let t = self.segs.tm(f);
+            t.start = start;
+            t.size = size;
+            self.fl.insert(&mut self.segs, f);
+        } else {
+            let t = self.segs.tm(f);
+            t.start = start;
+            t.size = size;
+        }
     }
 
     /// The allocated tag at `addr`, checked against `size` and the cached state the caller
@@ -334,7 +371,12 @@ impl Inner {
             .hash
             .find(&self.segs, addr, &mut self.c.work)
             .ok_or(VmemError::NotAllocated { addr })?;
-        let t = self.segs.t(i);
+        Self::check(self.segs.t(i), addr, size, cached)?;
+        Ok(i)
+    }
+
+    #[inline(always)]
+    fn check(t: &super::seg::Tag, addr: u64, size: u64, cached: bool) -> Result<(), VmemError> {
         if t.size != size {
             return Err(VmemError::WrongSize {
                 addr,
@@ -349,7 +391,7 @@ impl Inner {
                 VmemError::NotCached { addr }
             });
         }
-        Ok(i)
+        Ok(())
     }
 
     /// Mark a segment as held in (or taken out of) a quantum cache.
@@ -374,34 +416,57 @@ impl Inner {
         cached: bool,
         release: bool,
     ) -> Result<Release, VmemError> {
-        let mut i = self.lookup(addr, size, cached)?;
-        self.hash.remove(&mut self.segs, i, &mut self.c.work);
+        // Found, checked and unhashed in one walk of the chain; a bad free changes nothing.
+        let i = self.hash.take(
+            &mut self.segs,
+            addr,
+            &mut self.c.work,
+            |i, segs| Self::check(segs.t(i), addr, size, cached),
+            VmemError::NotAllocated { addr },
+        )?;
         if cached {
             self.c.cached -= 1;
         }
         self.c.in_use -= size;
         self.c.free += size;
         self.c.live -= 1;
-        let t = self.segs.tm(i);
-        t.kind = Kind::Free;
-        t.cached = false;
-        let n = self.segs.t(i).next;
-        if self.segs.t(n).kind == Kind::Free {
-            self.fl.remove(&mut self.segs, n);
-            let ns = self.segs.t(n).size;
-            self.segs.tm(i).size += ns;
-            self.segs.unlink(n);
-            self.segs.put(n);
-        }
-        let p = self.segs.t(i).prev;
-        if self.segs.t(p).kind == Kind::Free {
-            self.fl.remove(&mut self.segs, p);
-            let is = self.segs.t(i).size;
-            self.segs.tm(p).size += is;
-            self.segs.unlink(i);
-            self.segs.put(i);
-            i = p;
-        }
+        let (p, n) = (self.segs.t(i).prev, self.segs.t(i).next);
+        let pfree = self.segs.t(p).kind == Kind::Free;
+        let nfree = self.segs.t(n).kind == Kind::Free;
+        // Coalesce into a free neighbour's tag where there is one (it keeps its place on its
+        // list unless its size class changes); only a segment with no free neighbour is new
+        // on a free list.
+        let (f, listed) = match (pfree, nfree) {
+            (false, false) => {
+                let t = self.segs.tm(i);
+                t.kind = Kind::Free;
+                t.cached = false;
+                (i, false)
+            }
+            (false, true) => {
+                self.segs.unlink(i);
+                self.segs.put(i);
+                let ns = self.segs.t(n).size;
+                self.resize_free(n, addr, ns + size);
+                (n, true)
+            }
+            (true, nfree) => {
+                let mut grow = size;
+                if nfree {
+                    self.fl.remove(&mut self.segs, n);
+                    grow += self.segs.t(n).size;
+                    self.segs.unlink(n);
+                    self.segs.put(n);
+                }
+                self.segs.unlink(i);
+                self.segs.put(i);
+                let pt = self.segs.t(p);
+                let (ps, psz) = (pt.start, pt.size);
+                self.resize_free(p, ps, psz + grow);
+                (p, true)
+            }
+        };
+        let i = f;
         let p = self.segs.t(i).prev;
         let n = self.segs.t(i).next;
         let span = *self.segs.t(p);
@@ -411,6 +476,9 @@ impl Inner {
             && matches!(self.segs.t(n).kind, Kind::Span | Kind::Sentinel)
         {
             debug_assert_eq!(span.size, self.segs.t(i).size);
+            if listed {
+                self.fl.remove(&mut self.segs, i);
+            }
             self.segs.unlink(i);
             self.segs.put(i);
             self.segs.unlink(p);
@@ -422,7 +490,9 @@ impl Inner {
             self.c.releases += 1;
             return Ok(Some((span.start, span.size)));
         }
-        self.fl.insert(&mut self.segs, i);
+        if !listed {
+            self.fl.insert(&mut self.segs, i);
+        }
         Ok(None)
     }
 

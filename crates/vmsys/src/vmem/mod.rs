@@ -23,6 +23,8 @@
 //! Locking: one `spin::Mutex` for the arena's segments; one per CPU per quantum cache and one
 //! per depot. The arena lock is never held while a cache lock is taken or the source is
 //! called, so sources may be arenas themselves and a source's import may sleep or map pages.
+//! (A CPU cache evicting from its outstanding set takes the arena lock inside the CPU lock:
+//! that order only.)
 
 mod freelist;
 mod hash;
@@ -207,10 +209,11 @@ pub struct ArenaConfig {
     /// Release an imported span when it becomes wholly free (false: keep what is imported,
     /// as FreeBSD's per-domain kernel arenas do).
     pub release_imports: bool,
-    /// Check frees that go to a quantum cache against the arena (one short arena lock per
-    /// cached alloc and free), so that bad frees of cache-sized segments are rejected like
-    /// any other. Off: Bonwick's unchecked fast path, which never takes the arena lock on a
-    /// cache hit; a bad free of a cache-sized segment is then not detected.
+    /// Check frees that go to a quantum cache, so that bad frees of cache-sized segments are
+    /// rejected like any other. A free of a segment this CPU's cache handed out is checked
+    /// against the CPU's outstanding set, under the CPU lock only; any other cache-sized free
+    /// is checked against the arena (its lock). Off: Bonwick's unchecked fast path; a bad free
+    /// of a cache-sized segment is then not detected.
     pub verify_qcache_frees: bool,
 }
 
@@ -454,11 +457,11 @@ impl Arena {
         let size = self.round(size)?;
         self.check_cpu(cpu)?;
         if size <= self.qcache_max && policy != Policy::NextFit {
-            if let Some(a) = self.qcache_for(size).alloc(cpu) {
-                if self.verify_qcache {
-                    let r = self.inner.lock().set_cached(a, size, false);
-                    debug_assert!(r.is_ok(), "quantum cache held a bad segment: {r:?}");
-                }
+            let evict = |old: u64| {
+                let r = self.inner.lock().set_cached(old, size, false);
+                debug_assert!(r.is_ok(), "quantum cache evicted a bad segment: {r:?}");
+            };
+            if let Some(a) = self.qcache_for(size).alloc(cpu, self.verify_qcache, evict) {
                 return Ok(a);
             }
         }
@@ -585,13 +588,35 @@ impl Arena {
         let size = self.round(size)?;
         self.check_cpu(cpu)?;
         if size <= self.qcache_max {
+            let qc = self.qcache_for(size);
             if self.verify_qcache {
-                self.inner.lock().set_cached(addr, size, true)?;
+                if qc.free_tracked(cpu, addr) {
+                    return Ok(());
+                }
+                self.mark_cached(qc, addr, size)?;
             }
-            self.qcache_for(size).free(cpu, addr);
+            qc.free(cpu, addr);
             return Ok(());
         }
         self.xfree_rounded(addr, size)
+    }
+
+    /// The checked slow path of a cache-sized free that is not in this CPU's outstanding set:
+    /// the arena must know the segment as allocated, of this size, and not cached; or it is
+    /// in another CPU's outstanding set (allocated there, freed here). A segment evicted from
+    /// a set between the two looks is unmarked by then, so the second look at the arena sees
+    /// it; anything else is a bad free, and nothing has changed.
+    #[cold]
+    fn mark_cached(&self, qc: &QCache, addr: u64, size: u64) -> Result<(), VmemError> {
+        let r = self.inner.lock().set_cached(addr, size, true);
+        match r {
+            Err(VmemError::AlreadyFree { .. }) => {}
+            r => return r,
+        }
+        if qc.claim(addr) {
+            return Ok(());
+        }
+        self.inner.lock().set_cached(addr, size, true)
     }
 
     /// Free straight to the arena, bypassing the quantum caches (illumos `vmem_xfree`).
@@ -602,12 +627,29 @@ impl Arena {
 
     #[inline]
     fn xfree_rounded(&self, addr: u64, size: u64) -> Result<(), VmemError> {
-        let rel = self
+        // (The guard must be gone before the slow path locks again.)
+        let r = self
             .inner
             .lock()
-            .free(addr, size, false, self.release_imports)?;
+            .free(addr, size, false, self.release_imports);
+        let rel = match r {
+            Err(VmemError::AlreadyFree { .. }) if self.verify_qcache && size <= self.qcache_max => {
+                self.xfree_outstanding(addr, size)?
+            }
+            r => r?,
+        };
         self.release(rel);
         Ok(())
+    }
+
+    /// `xfree` of a segment marked cached: valid if it is in an outstanding set (a cached
+    /// allocation freed past the cache), or was evicted from one meanwhile.
+    #[cold]
+    fn xfree_outstanding(&self, addr: u64, size: u64) -> Result<Release, VmemError> {
+        let claimed = self.qcache_for(size).claim(addr);
+        self.inner
+            .lock()
+            .free(addr, size, claimed, self.release_imports)
     }
 
     /// Return every segment held in the quantum caches to the arena (Bonwick's reap; illumos
@@ -678,11 +720,15 @@ impl Arena {
     /// other thread is using the arena.
     pub fn audit(&self) -> Result<(), String> {
         let mut cached: Vec<(u64, u64)> = Vec::new();
-        let mut buf = Vec::new();
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
         for qc in self.qcaches.iter() {
             buf.clear();
-            qc.contents(&mut buf)?;
-            cached.extend(buf.iter().map(|&a| (a, qc.size)));
+            out.clear();
+            qc.contents(&mut buf, &mut out)?;
+            if !self.verify_qcache && !out.is_empty() {
+                return Err("an unchecked quantum cache tracks outstanding segments".into());
+            }
+            cached.extend(buf.iter().chain(&out).map(|&a| (a, qc.size)));
         }
         let g = self.inner.lock();
         g.audit()?;
@@ -699,7 +745,7 @@ impl Arena {
         }
         if self.verify_qcache && cached.len() as u64 != g.c.cached {
             return Err(alloc::format!(
-                "{} segments in quantum caches, {} marked cached",
+                "{} segments in quantum caches or outstanding sets, {} marked cached",
                 cached.len(),
                 g.c.cached
             ));

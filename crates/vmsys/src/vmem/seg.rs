@@ -133,7 +133,10 @@ impl Segs {
         debug_assert_ne!(i, SENTINEL);
         let free_tag = self.free_tag;
         let t = self.tm(i);
-        *t = Tag::blank(Kind::Unused);
+        // Only what the audit and `get` read: `get` rewrites the whole tag.
+        t.kind = Kind::Unused;
+        t.imported = false;
+        t.cached = false;
         t.lnext = free_tag;
         self.free_tag = i;
         self.unused += 1;

@@ -504,3 +504,57 @@ fn free_is_constant_work_with_many_live_segments() {
     assert!(per_free < 8.0, "{per_free} steps per free");
     audit(&a);
 }
+
+#[test]
+fn checked_cache_frees_without_the_arena_lock_still_reject_bad_frees() {
+    let a = qarena(false);
+    // Warm the cache with more than an outstanding set's worth of segments.
+    let n = 2 * qcache::OUT_MAX;
+    let xs: Vec<u64> = (0..n).map(|_| a.alloc_on(0, Q, IF).unwrap()).collect();
+    for &x in &xs {
+        a.free_on(0, x, Q).unwrap();
+    }
+    // Out through the cache: the oldest are evicted from CPU 0's set back to the arena.
+    let ys: Vec<u64> = (0..n).map(|_| a.alloc_on(0, Q, IF).unwrap()).collect();
+    audit(&a);
+    // A fast-path free, then its double free on either CPU.
+    a.free_on(0, ys[n - 1], Q).unwrap();
+    assert_eq!(
+        a.free_on(0, ys[n - 1], Q),
+        Err(VmemError::AlreadyFree { addr: ys[n - 1] })
+    );
+    assert_eq!(
+        a.free_on(1, ys[n - 1], Q),
+        Err(VmemError::AlreadyFree { addr: ys[n - 1] })
+    );
+    // Wrong size and interior frees of outstanding segments.
+    assert!(matches!(
+        a.free_on(0, ys[n - 2], 2 * Q),
+        Err(VmemError::WrongSize { .. })
+    ));
+    assert!(a.free_on(0, ys[n - 2] + 1, Q).is_err());
+    // Freed on another CPU (claimed from CPU 0's set), past the cache (xfree), and evicted.
+    a.free_on(1, ys[n - 2], Q).unwrap();
+    assert_eq!(
+        a.free_on(1, ys[n - 2], Q),
+        Err(VmemError::AlreadyFree { addr: ys[n - 2] })
+    );
+    a.xfree(ys[n - 3], Q).unwrap();
+    assert_eq!(
+        a.xfree(ys[n - 3], Q),
+        Err(VmemError::NotAllocated { addr: ys[n - 3] })
+    );
+    a.free_on(0, ys[0], Q).unwrap();
+    assert_eq!(
+        a.free_on(0, ys[0], Q),
+        Err(VmemError::AlreadyFree { addr: ys[0] })
+    );
+    audit(&a);
+    for &y in &ys[1..n - 3] {
+        a.free_on(1, y, Q).unwrap();
+    }
+    audit(&a);
+    a.drain();
+    assert_eq!(a.stats().free, 1024 * Q);
+    audit(&a);
+}
