@@ -241,15 +241,129 @@ impl Row {
     }
 }
 
-// The kernel-memory layer adds `crate::vmem_bench::measure(quick) -> Vec<VmemRow>`, with
-// `VmemRow { name: String, ours_ns: f64, peer: &'static str, peer_ns: Option<f64> }`; its rows
-// join these through `Row::new(r.name, r.ours_ns, r.peer, r.peer_ns)` in `vmem_rows` below.
-fn vmem_rows(_quick: bool) -> Vec<Row> {
-    // crate::vmem_bench::measure(_quick)
-    //     .into_iter()
-    //     .map(|r| Row::new(r.name, r.ours_ns, r.peer, r.peer_ns))
-    //     .collect()
-    Vec::new()
+/// The kernel-memory benchmarks: vmem rows, kmem rows (no peer), and their text.
+fn kmem_section(text: &mut Vec<u8>, rows: &mut Vec<Row>) -> Result<(), CliError> {
+    let vmem = crate::vmem_bench::measure(false);
+    writeln!(
+        text,
+        "vmem: ours against vmem 1.0 (crates.io), measured in the same run"
+    )?;
+    text.extend_from_slice(crate::vmem_bench::table(&vmem).as_bytes());
+    let find = |p: &str| {
+        vmem.iter()
+            .find(|r| r.name.starts_with(p))
+            .map(|r| r.ours_ns)
+    };
+    let pair = find("alloc+free, empty arena");
+    let cached = vmem
+        .iter()
+        .find(|r| r.name.contains("quantum cache") && r.name.contains("checked"))
+        .map(|r| r.ours_ns);
+    let churn: Vec<f64> = vmem
+        .iter()
+        .filter(|r| r.name.starts_with("(a)"))
+        .map(|r| r.ours_ns)
+        .collect();
+    writeln!(text, "targets")?;
+    if let Some(p) = pair {
+        writeln!(
+            text,
+            "  alloc+free pair <= 50 ns{:>40.1} ns  {}",
+            p,
+            met(p <= 50.0)
+        )?;
+    }
+    if let Some(c) = cached {
+        writeln!(
+            text,
+            "  through a quantum cache <= 20 ns{:>32.1} ns  {}",
+            c,
+            met(c <= 20.0)
+        )?;
+    }
+    if let (Some(first), Some(last)) = (churn.first(), churn.last()) {
+        let g = last / first;
+        writeln!(
+            text,
+            "  pair cost from 10^2 to 10^6 live grows <= 1.5x{:>18.2}x     {}",
+            g,
+            met(g <= 1.5)
+        )?;
+    }
+    rows.extend(vmem_rows_from(vmem));
+    let k = crate::kmem_bench::measure(false).map_err(|e| CliError::setup(FormatId::Amd64, e))?;
+    writeln!(text)?;
+    writeln!(
+        text,
+        "kernel memory (kmem over reservations and the pmap; no peer)"
+    )?;
+    for r in &k.rows {
+        writeln!(text, "  {:<90}{:>10.1} ns", r.name, r.ours_ns)?;
+        rows.push(Row::new(r.name.clone(), r.ours_ns, "", None));
+    }
+    for &(f, promoted, allocs) in &k.promotion {
+        writeln!(
+            text,
+            "  {}: superpage kmem_malloc promoted {promoted} of {allocs} ({:.0}%)",
+            f.name(),
+            100.0 * promoted as f64 / allocs.max(1) as f64
+        )?;
+    }
+    Ok(())
+}
+
+fn vmem_rows_from(v: Vec<crate::vmem_bench::VmemRow>) -> Vec<Row> {
+    v.into_iter()
+        .map(|r| Row::new(r.name, r.ours_ns, r.peer, r.peer_ns))
+        .collect()
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// The flush-ceiling crossover, as text (no peer rows: both columns are ours).
+fn flush_section(text: &mut Vec<u8>, rows: &mut Vec<Row>) -> Result<(), CliError> {
+    let b = crate::flush_bench::measure(false).map_err(|e| CliError::setup(FormatId::Amd64, e))?;
+    writeln!(
+        text,
+        "flush ceiling: CPU 0 unmaps N pages that CPU 1 has in its TLB (with 512 more), then CPU 1 touches them again; amd64, IPIs"
+    )?;
+    writeln!(
+        text,
+        "  {:>6} {:>14} {:>14}",
+        "pages", "ranged ns", "full ns"
+    )?;
+    for r in &b.rows {
+        writeln!(
+            text,
+            "  {:>6} {:>14.0} {:>14.0}",
+            r.pages, r.ranged_ns, r.full_ns
+        )?;
+        rows.push(Row::new(
+            format!(
+                "unmap {} pages + remote refill, ranged invalidation",
+                r.pages
+            ),
+            r.ranged_ns,
+            "the same with a full flush",
+            Some(r.full_ns),
+        ));
+    }
+    writeln!(
+        text,
+        "  crossover on this simulator: {} (the pmap's default ceiling is {} pages; Linux uses 33)",
+        b.crossover.map_or_else(
+            || "none (ranged always cheaper)".into(),
+            |n| format!("{n} pages")
+        ),
+        b.default_ceiling
+    )?;
+    Ok(())
 }
 
 /// `vmsim bench`: the benchmarks `--what` selects, one after the other, then this host's
@@ -303,7 +417,14 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
             Some(translate.x86_64),
         ));
     }
-    let vmem = vmem_rows(false);
+    if args.what.kmem() {
+        writeln!(text)?;
+        kmem_section(&mut text, &mut rows)?;
+    }
+    if args.what.flush() {
+        writeln!(text)?;
+        flush_section(&mut text, &mut rows)?;
+    }
     if !args.no_host {
         let h = host_bench::measure(false)?;
         let host = [
@@ -327,11 +448,6 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<(), CliError> {
         writeln!(text, "reference: this host's own kernel (the pmap does only the page-table share of this work)")?;
         print_rows(&mut text, &host)?;
         rows.extend(host);
-    }
-    if !vmem.is_empty() {
-        writeln!(text)?;
-        print_rows(&mut text, &vmem)?;
-        rows.extend(vmem);
     }
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &rows).map_err(std::io::Error::other)?;

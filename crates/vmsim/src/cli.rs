@@ -33,16 +33,19 @@ impl Cli {
 
 #[derive(Subcommand, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Boot one machine with the pmap and run a mixed workload on every CPU at once: address
-    /// spaces created, activated, visited, forked and destroyed; enter (4 KiB and superpages),
-    /// enter_range, protect, remove, remove_all, unwire, promotion and demotion; growkernel,
-    /// kenter/kremove, qenter/qremove and quick maps; loads and stores through the simulated MMU
-    /// checked against what the workload wrote. Audits the pmap's invariants, every CPU's TLB
-    /// and the stale-translation detector, then prints a report. Exits 1 on any violation or
-    /// wrong value.
+    /// Boot one machine with the whole system (buddy allocator, pmap, reservations, kernel
+    /// memory) and run a mixed workload on every CPU at once: address spaces created,
+    /// activated, visited, forked and destroyed; enter (4 KiB and superpages), enter_range,
+    /// protect, remove, remove_all, unwire, promotion and demotion; kernel windows from
+    /// kva_alloc (growing the kernel), kenter/kremove, qenter/qremove and quick maps;
+    /// kmem_malloc/kmem_free (superpage allocations promote), transient I/O maps (pinned and
+    /// can-fault) and bounce copies; loads and stores through the simulated MMU checked against
+    /// what the workload wrote. Audits the pmap's and kernel memory's invariants, every CPU's
+    /// TLB and the stale-translation detector, then prints a report. Exits 1 on any violation
+    /// or wrong value.
     Run(RunArgs),
     /// Print the kernel address-space layout of a format as the pmap computes it (direct map,
-    /// KVA, quick-map slots; rows for the kernel arenas to come) and what each kernel
+    /// KVA, the kernel, domain and transient arenas, quick-map slots) and what each kernel
     /// page-table synchronisation strategy costs in memory and per growkernel.
     Layout(LayoutArgs),
     /// Measure the cost of a simulated 8-byte load that hits the TLB (detector off, sampled and
@@ -277,7 +280,12 @@ pub enum BenchWhat {
     /// The pmap's map, unmap and extract per page-table entry on amd64, against the x86_64
     /// crate's page-table code over the same simulated memory.
     Pmap,
-    /// Both.
+    /// Kernel memory: vmem arenas against the crates.io vmem crate, kmem_malloc (with the rate
+    /// at which superpage allocations end promoted), transient maps and bounce copies.
+    Kmem,
+    /// Where a ranged TLB invalidation should become a full one (the pmap's flush ceiling).
+    Flush,
+    /// All of them.
     #[default]
     All,
 }
@@ -288,6 +296,12 @@ impl BenchWhat {
     }
     pub fn pmap(self) -> bool {
         matches!(self, BenchWhat::Pmap | BenchWhat::All)
+    }
+    pub fn kmem(self) -> bool {
+        matches!(self, BenchWhat::Kmem | BenchWhat::All)
+    }
+    pub fn flush(self) -> bool {
+        matches!(self, BenchWhat::Flush | BenchWhat::All)
     }
 }
 
@@ -301,7 +315,7 @@ pub const PMAP_SAMPLES: u32 = 7;
 /// Options of `vmsim bench`.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct BenchArgs {
-    /// Which benchmarks to run: access, pmap or all.
+    /// Which benchmarks to run: access, pmap, kmem, flush or all.
     #[arg(long, value_enum, value_name = "WHICH", default_value_t = BenchWhat::All)]
     pub what: BenchWhat,
 

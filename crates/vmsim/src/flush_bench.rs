@@ -3,9 +3,9 @@
 //! loaded with a working set of 512 pages in its TLB; the time counted is the unmap with its
 //! shootdown plus CPU 1 touching its working set again (what a full flush costs it: refills).
 //! Two identical systems differ only in the ceiling: one always invalidates page by page, the
-//! other always flushes the whole address space. The crossover is the smallest N at which the
-//! full flush is no slower. On this simulator a walk is cheap relative to real hardware, so
-//! the crossover says where *the simulator* breaks even; Linux uses 33 (perf.md).
+//! other always flushes the whole address space. The crossover is the smallest N from which the
+//! full flush is no slower at every larger N. On this simulator a walk is cheap relative to real
+//! hardware, so the crossover says where *the simulator* breaks even; Linux uses 33 (perf.md).
 
 use std::time::Instant;
 
@@ -26,7 +26,8 @@ pub struct FlushRow {
     pub full_ns: f64,
 }
 
-/// The table and the crossover (None if ranged was always faster).
+/// The table and the crossover: the smallest count from which a full flush is never slower
+/// (None if ranged was faster at the largest count).
 #[derive(Clone, Debug)]
 pub struct FlushBench {
     pub rows: Vec<FlushRow>,
@@ -142,9 +143,13 @@ pub fn measure(quick: bool) -> Result<FlushBench, String> {
             full_ns: f[f.len() / 2],
         });
     }
+    // The smallest count from which the full flush stays no slower at every larger count (a
+    // single noisy small count does not decide it).
     let crossover = rows
         .iter()
-        .find(|r| r.full_ns <= r.ranged_ns)
+        .rev()
+        .take_while(|r| r.full_ns <= r.ranged_ns)
+        .last()
         .map(|r| r.pages);
     Ok(FlushBench {
         rows,

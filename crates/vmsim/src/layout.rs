@@ -14,13 +14,14 @@
 //! pmap and is only possible where the hardware has one.
 
 use std::io::Write;
-use std::sync::Arc;
 
 use serde::Serialize;
+use vmsys::kmem::KmemConfig;
 use vmsys::pmap::KptSync;
-use vmsys::{FrameList, FrameSource, PhysAddr, PmapConfig, PmapSystem, VirtAddr};
+use vmsys::{PmapConfig, VirtAddr};
 use vmsys_arch::{Halves, Split32};
-use vmsys_sim::{DetectorMode, Machine, MachineConfig};
+use vmsys_sim::system::System;
+use vmsys_sim::{DetectorMode, MachineConfig};
 
 use crate::cli::LayoutArgs;
 use crate::error::CliError;
@@ -100,28 +101,32 @@ pub fn compute(args: &LayoutArgs) -> Result<LayoutReport, CliError> {
         ));
     }
     let split = args.split.map(|s| s.split()).unwrap_or_default();
-    let m = Machine::new(
-        MachineConfig::new(format)
-            .cpus(args.cpus)
-            .mem(args.mem)
-            .detector(DetectorMode::Off),
-    )
-    .map_err(|err| CliError::Config { format, err })?;
-    let pool = (
-        1u64 << 20,
-        (1u64 << 20) + (m.mem().size() / 8).min(16 << 20),
-    );
-    let frames = Arc::new(FrameList::new(PhysAddr::new(pool.0), PhysAddr::new(pool.1)));
     let cfg = PmapConfig {
         split,
         ..PmapConfig::default()
     };
-    let sys = PmapSystem::bootstrap(m.clone(), frames as Arc<dyn FrameSource>, cfg)
-        .map_err(|e| CliError::setup(format, format!("pmap bootstrap: {e}")))?;
+    // The whole system, so that the kernel arenas are the real ones.
+    let system = System::boot(
+        MachineConfig::new(format)
+            .cpus(args.cpus)
+            .mem(args.mem)
+            .detector(DetectorMode::Off),
+        cfg,
+        KmemConfig::default(),
+    )
+    .map_err(|e| CliError::setup(format, format!("boot: {e}")))?;
+    let m = system.m.clone();
+    let sys = system.pmap.clone();
+    let kmem = system.kmem.clone();
+    let sp = kmem.superpage();
+    let ndomains = system.buddy.domain_count();
+    let span = kmem.kva_span();
+    let arena_span = (span.0.as_u64(), span.1.as_u64());
     let g = sys.geometry();
     let layout = fmt.layout(split);
     let (kva_start, quick_base) = sys.kva_range();
     let (kva_start, quick_base) = (kva_start.as_u64(), quick_base.as_u64());
+    let grown_at_boot = sys.kernel_end().as_u64() - kva_start;
     let quick_end = quick_base + 2 * args.cpus as u64 * PAGE;
     let dmap = sys.direct_map();
     let cost0 = sys.kpt_sync_cost();
@@ -130,7 +135,6 @@ pub fn compute(args: &LayoutArgs) -> Result<LayoutReport, CliError> {
 
     // A growkernel into a fresh root entry, with PMAPS user pmaps alive.
     let (ptps, stores) = m.run_on(0, |_| -> Result<(u64, u64), CliError> {
-        sys.init_cpu();
         let pmaps: Vec<_> = (0..PMAPS)
             .map(|_| sys.create())
             .collect::<Result<_, _>>()
@@ -162,6 +166,26 @@ pub fn compute(args: &LayoutArgs) -> Result<LayoutReport, CliError> {
             after.propagated_stores - before.propagated_stores,
         ))
     })?;
+
+    // Where the first allocation of each kind lands (then given back), after the growkernel
+    // measurement so that it does not move the kernel's end under it.
+    let (probe_kmem, probe_io, probe_kva) = m
+        .run_on(0, |_| -> Result<(u64, u64, u64), String> {
+            let e = |e: vmsys::kmem::KmemError| e.to_string();
+            let a = kmem.kmem_malloc(PAGE, 0, false).map_err(e)?;
+            // Straight from the transient arena: on formats with a direct map covering all of
+            // memory, map_io_transient itself would not need KVA.
+            let ta = kmem.transient_arena();
+            let io = ta
+                .alloc(PAGE, vmsys::vmem::Policy::InstantFit)
+                .map_err(|e| e.to_string())?;
+            ta.free(io, PAGE).map_err(|e| e.to_string())?;
+            let k = kmem.kva_alloc(PAGE).map_err(e)?;
+            kmem.kva_free(k, PAGE).map_err(e)?;
+            kmem.kmem_free(a, PAGE).map_err(e)?;
+            Ok((a.as_u64() & !(sp - 1), io, k.as_u64()))
+        })
+        .map_err(|e| CliError::setup(format, e))?;
 
     // Root entries the kernel's ranges cover (what preallocating the top level costs).
     let roots_over = |lo: u64, hi: u64| -> Vec<usize> {
@@ -264,21 +288,40 @@ pub fn compute(args: &LayoutArgs) -> Result<LayoutReport, CliError> {
             end: Some(quick_base),
             note: format!(
                 "{} grown at bootstrap; grows by {} (one last-level table)",
-                format_size(sys.kernel_end().as_u64() - kva_start),
+                format_size(grown_at_boot),
                 format_size(chunk)
             ),
         },
         Region {
-            name: "  kernel arena (kmem)",
-            start: None,
-            end: None,
-            note: "inside the KVA: to be filled by the kernel-memory layer (vmem)".into(),
+            name: "  kernel arena",
+            start: Some(arena_span.0),
+            end: Some(arena_span.1),
+            note: format!(
+                "vmem; imports {} at a time, growing the kernel first; never releases",
+                format_size(sp)
+            ),
         },
         Region {
-            name: "  transient arena (I/O)",
-            start: None,
-            end: None,
-            note: "inside the KVA: to be filled by the kernel-memory layer (transient maps)".into(),
+            name: "    domain arenas (kmem)",
+            start: Some(probe_kmem),
+            end: Some(probe_kmem + sp),
+            note: format!(
+                "{} domain(s); each imports whole {}-aligned superpages (first import shown): kmem_malloc, promotable",
+                ndomains,
+                format_size(sp)
+            ),
+        },
+        Region {
+            name: "    transient arena (I/O)",
+            start: Some(probe_io & !(sp - 1)),
+            end: Some((probe_io & !(sp - 1)) + sp),
+            note: "whole superpages too (first import shown): map_io_transient, never promoted".into(),
+        },
+        Region {
+            name: "    kva_alloc",
+            start: Some(probe_kva),
+            end: Some(probe_kva + PAGE),
+            note: "pages straight from the kernel arena, outside both (first one shown)".into(),
         },
         Region {
             name: "quick-map slots",

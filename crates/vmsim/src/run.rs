@@ -631,8 +631,13 @@ mod tests {
     #[test]
     fn omitted_shootdown_is_caught() {
         for format in [FormatId::Amd64, FormatId::Arm64] {
+            // Enough operations, and the detector on every access, that the stale entries
+            // the planted bug leaves are met whatever the mix of operations.
             let args = RunArgs {
                 omit_shootdown: true,
+                ops: 20_000,
+                audit_every: 5000,
+                detector: crate::cli::DetectorArg::Every,
                 ..small(format)
             };
             let (r, v) = json_of(&args);

@@ -53,9 +53,11 @@ fn clean_run_exits_0_and_planted_bug_exits_1() {
         "--mem",
         "128M",
         "--ops",
-        "3000",
+        "20000",
         "--audit-every",
-        "1000",
+        "5000",
+        "--detector",
+        "every",
     ];
     let (code, out, err) = vmsim(&[&["run", "--arch", "i386"][..], &small].concat());
     assert_eq!(code, 0, "{out}{err}");

@@ -251,6 +251,7 @@ pub struct Kmem<P: Platform + 'static> {
     /// The promotable superpage size (the pmap's `psind` 1).
     sp: u64,
     kva_start: u64,
+    grower_start: u64,
     grower: Arc<KvaGrower<P>>,
     kernel_arena: Arc<Arena>,
     domain_arenas: Vec<Arc<Arena>>,
@@ -323,6 +324,7 @@ impl<P: Platform + 'static> Kmem<P> {
             cfg,
             sp,
             kva_start: kva_start.as_u64(),
+            grower_start: start,
             grower,
             kernel_arena,
             domain_arenas,
@@ -344,6 +346,20 @@ impl<P: Platform + 'static> Kmem<P> {
     /// The superpage size that kernel memory is laid out in.
     pub fn superpage(&self) -> u64 {
         self.sp
+    }
+    /// The range `kernel_arena` imports from: `[start, limit)`, `start` where the kernel's page
+    /// tables ended at boot (rounded up to a superpage), `limit` below the superpage region
+    /// holding the quick-map slots.
+    pub fn kva_span(&self) -> (VirtAddr, VirtAddr) {
+        let start = self.kva_start.max(self.grower_start);
+        (VirtAddr::new(start), VirtAddr::new(self.grower.limit))
+    }
+    /// How far `kernel_arena` has imported (grown the kernel) so far.
+    pub fn kva_frontier(&self) -> VirtAddr {
+        VirtAddr::new(*crate::platform::lock_interruptible(
+            &self.grower.next,
+            &**self.sys.platform(),
+        ))
     }
     pub fn kernel_arena(&self) -> &Arc<Arena> {
         &self.kernel_arena
