@@ -283,7 +283,7 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
     let counters0 = m.counters();
     let stats0 = sys.stats();
 
-    let bar = progress_bar(progress, args.ops);
+    let bar = progress_bar(progress, args.ops());
     let running = AtomicBool::new(true);
     let start = Instant::now();
     let outcomes = std::thread::scope(|s| {
@@ -297,7 +297,7 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
         }
         let r = m.run_on_all(|c| {
             let id = c.id() as u64;
-            let ops = args.ops / cpus + u64::from(id < args.ops % cpus);
+            let ops = args.ops() / cpus + u64::from(id < args.ops() % cpus);
             shared.cpu_main(c, ops, seed)
         });
         running.store(false, Ordering::Relaxed);
@@ -537,7 +537,7 @@ mod tests {
             arch: format,
             cpus: 3,
             mem: 128 << 20,
-            ops: 6000,
+            ops: Some(6000),
             seed: 42,
             audit_every: 1500,
             json: true,
@@ -587,7 +587,7 @@ mod tests {
         }
         assert!(!r.failed(), "{format}: the run failed: {:#?}", r.problems);
         assert_eq!(v["audit"]["violations"], 0);
-        assert_eq!(r.ops, args.ops);
+        assert_eq!(r.ops, args.ops());
         assert!(
             r.audit.checks >= 4,
             "{format}: periodic audits: {}",
@@ -635,7 +635,7 @@ mod tests {
             // the planted bug leaves are met whatever the mix of operations.
             let args = RunArgs {
                 omit_shootdown: true,
-                ops: 20_000,
+                ops: Some(20_000),
                 audit_every: 5000,
                 detector: crate::cli::DetectorArg::Every,
                 ..small(format)
@@ -650,7 +650,7 @@ mod tests {
     fn the_same_seed_does_the_same_operations() {
         let args = RunArgs {
             cpus: 1,
-            ops: 2000,
+            ops: Some(2000),
             ..small(FormatId::Amd64)
         };
         let (a, _) = json_of(&args);

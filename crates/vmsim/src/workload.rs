@@ -1712,6 +1712,17 @@ impl CpuRun<'_, '_> {
         } else {
             self.rng.gen_range(1..=64) * PAGE - self.rng.gen_range(0..PAGE)
         };
+        // Each CPU keeps its kernel memory within its share (an eighth of memory over the
+        // CPUs), so that page-table pages, which the workload expects to get, never run out.
+        let held: u64 = self
+            .kallocs
+            .iter()
+            .map(|&(_, s, _)| s.next_multiple_of(PAGE))
+            .sum();
+        let budget = self.s.m.mem().size() / 8 / self.s.m.config().cpus as u64;
+        if held + size.next_multiple_of(PAGE) > budget {
+            return false;
+        }
         let va = match k.kmem_malloc(size, 0, false) {
             Ok(va) => va.as_u64(),
             // Memory may run short with every CPU holding allocations: a clean refusal.
