@@ -14,7 +14,7 @@
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 const CHUNK_SHIFT: u32 = 21;
@@ -98,6 +98,10 @@ impl Drop for Chunk {
 pub struct PhysMem {
     size: u64,
     chunks: Box<[OnceLock<Chunk>]>,
+    /// Each chunk's first word once it exists (null before): the load path reads one pointer
+    /// instead of going through the `OnceLock`, which matters for page-table walks (a load per
+    /// level).
+    words: Box<[AtomicPtr<AtomicU64>]>,
 }
 
 impl std::fmt::Debug for PhysMem {
@@ -116,6 +120,9 @@ impl PhysMem {
         PhysMem {
             size: n as u64 * CHUNK_BYTES,
             chunks: (0..n).map(|_| OnceLock::new()).collect(),
+            words: (0..n)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
         }
     }
 
@@ -161,7 +168,12 @@ impl PhysMem {
                     self.size
                 )
             });
-        slot.get_or_init(Chunk::new_zeroed)
+        let c = slot.get_or_init(Chunk::new_zeroed);
+        let w = &self.words[(pa >> CHUNK_SHIFT) as usize];
+        if w.load(Ordering::Relaxed).is_null() {
+            w.store(c.words.as_ptr(), Ordering::Release);
+        }
+        c
     }
 
     #[inline]
@@ -174,10 +186,21 @@ impl PhysMem {
     #[inline]
     pub fn load_u64(&self, pa: u64) -> u64 {
         debug_assert!(pa.is_multiple_of(8), "unaligned 8-byte load at {pa:#x}");
-        match self.chunk(pa) {
-            Some(c) => c[Self::word_index(pa)].load(Ordering::Acquire),
-            None => 0,
+        let Some(w) = self.words.get((pa >> CHUNK_SHIFT) as usize) else {
+            return 0;
+        };
+        let base = w.load(Ordering::Acquire);
+        if base.is_null() {
+            // Never written (or its pointer not yet published): zero, as the chunk would read.
+            return match self.chunk(pa) {
+                Some(c) => c[Self::word_index(pa)].load(Ordering::Acquire),
+                None => 0,
+            };
         }
+        // SAFETY: `base` was published (Release, read Acquire) from a live chunk of
+        // `CHUNK_WORDS` words that this `PhysMem` owns until it drops (chunks are never freed
+        // or replaced before then), and `word_index` is below `CHUNK_WORDS`.
+        unsafe { (*base.add(Self::word_index(pa))).load(Ordering::Acquire) }
     }
 
     /// Atomic store of the aligned 8-byte word at `pa`.
@@ -297,11 +320,20 @@ impl PhysMem {
     /// The pointer is 4096-aligned and valid for reads and writes of 4096 bytes for as long as
     /// this `PhysMem` lives. Panics (a machine check) when `pa` is beyond memory.
     pub fn host_page_ptr(&self, pa: u64) -> *mut u8 {
-        let chunk = self.chunk_slot(pa);
         let off = (pa & (CHUNK_BYTES - 1) & !0xfff) as usize;
-        // SAFETY: `off` is below `CHUNK_BYTES` (a page offset inside the chunk), so the result
-        // stays inside the chunk's allocation.
-        unsafe { chunk.base().add(off) }
+        let published = self
+            .words
+            .get((pa >> CHUNK_SHIFT) as usize)
+            .map_or(std::ptr::null_mut(), |w| w.load(Ordering::Acquire));
+        let base = if published.is_null() {
+            self.chunk_slot(pa).base()
+        } else {
+            published.cast::<u8>()
+        };
+        // SAFETY: `base` is the first byte of a live chunk of `CHUNK_BYTES` (published from
+        // one, or just looked up) and `off` is below `CHUNK_BYTES` (a page offset inside the
+        // chunk), so the result stays inside the chunk's allocation.
+        unsafe { base.add(off) }
     }
 
     #[inline]

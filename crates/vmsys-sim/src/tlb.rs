@@ -85,15 +85,20 @@ impl SizeClass {
         let key = e.tr.va_base >> self.shift;
         let set = self.set_of(key);
         let base = set * self.ways;
-        // Replace an entry for the same page and tag (a refill after a dirty update, say).
+        // The fill replaces every entry that would match the same lookups: the page's entries
+        // of the same tag, and all of them if either side is global (a refill after a dirty
+        // update, say). Replacing only the first such entry would leave two entries answering
+        // one lookup.
+        let global = e.tr.rights.contains(crate::walker::Rights::GLOBAL);
+        for i in base..base + self.ways {
+            if self.keys[i] == key
+                && (self.entries[i].tag == e.tag || self.entries[i].global() || global)
+            {
+                self.keys[i] = INVALID_KEY;
+            }
+        }
         let slot = (base..base + self.ways)
-            .find(|&i| {
-                self.keys[i] == key
-                    && (self.entries[i].tag == e.tag
-                        || self.entries[i].global()
-                        || e.tr.rights.contains(crate::walker::Rights::GLOBAL))
-            })
-            .or_else(|| (base..base + self.ways).find(|&i| self.keys[i] == INVALID_KEY))
+            .find(|&i| self.keys[i] == INVALID_KEY)
             .unwrap_or_else(|| {
                 let v = self.victim[set] as usize;
                 self.victim[set] = ((v + 1) % self.ways) as u8;
