@@ -11,6 +11,7 @@ use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
 use crate::page::{page_flags, PvEntry};
 use crate::platform::Platform;
 
+use super::geom::Geometry;
 use super::remove::Found;
 use super::superpage::OnFail;
 use super::table;
@@ -36,25 +37,22 @@ impl<P: Platform> PmapSystem<P> {
     /// a walk of atomic loads, as the MMU does.
     #[inline]
     pub fn extract(&self, pmap: &Pmap, va: VirtAddr) -> Option<PhysAddr> {
+        // The entry width and the depth decided once, so that the walk below is a fixed-length
+        // loop with one kind of load (the compiler unrolls it).
         let g = &self.geom;
-        let t = self.tables();
-        let va = va.as_u64();
-        let eb = g.entry_bytes;
-        let mut table = pmap.root.as_u64();
-        // One pass over the level descriptions, each step one load and two pattern tests.
-        for l in &g.levels[..g.nlevels] {
-            let idx = (va >> l.shift) & (l.entries as u64 - 1);
-            let raw = t.load(table + idx * eb);
-            if l.table_pat.matches(raw) {
-                table = raw & l.table_addr;
-                continue;
+        let (va, root) = (va.as_u64(), pmap.root.as_u64());
+        let plat = &*self.plat;
+        if g.entry_bytes == 8 {
+            let load = |a: u64| plat.pt_load64(PhysAddr::new(a));
+            match g.nlevels {
+                4 => walk::<4>(g, root, va, 8, load),
+                5 => walk::<5>(g, root, va, 8, load),
+                3 => walk::<3>(g, root, va, 8, load),
+                _ => walk_n(g, root, va, 8, load),
             }
-            if l.leaf_pat.matches(raw) {
-                return Some(PhysAddr::new((raw & l.leaf_addr) | (va & (l.span - 1))));
-            }
-            return None;
+        } else {
+            walk_n(g, root, va, 4, |a| plat.pt_load32(PhysAddr::new(a)) as u64)
         }
-        None
     }
 
     /// The whole mapping at `va`.
@@ -249,4 +247,68 @@ impl<P: Platform> PmapSystem<P> {
     pub fn pv_entries(&self, pa: PhysAddr) -> alloc::vec::Vec<PvEntry> {
         self.pv_list(pa.as_u64())
     }
+}
+
+/// One level of a lock-free walk: the next table, the translation, or nothing.
+enum Step {
+    Table(u64),
+    Done(Option<PhysAddr>),
+}
+
+#[inline(always)]
+fn step(
+    g: &Geometry,
+    lvl: usize,
+    table: u64,
+    va: u64,
+    eb: u64,
+    load: &impl Fn(u64) -> u64,
+) -> Step {
+    let l = &g.levels[lvl];
+    let raw = load(table + ((va >> l.shift) & (l.entries as u64 - 1)) * eb);
+    if l.table_pat.matches(raw) {
+        Step::Table(raw & l.table_addr)
+    } else if l.leaf_pat.matches(raw) {
+        Step::Done(Some(PhysAddr::new(
+            (raw & l.leaf_addr) | (va & (l.span - 1)),
+        )))
+    } else {
+        Step::Done(None)
+    }
+}
+
+/// A walk of exactly `N` levels.
+#[inline(always)]
+fn walk<const N: usize>(
+    g: &Geometry,
+    mut table: u64,
+    va: u64,
+    eb: u64,
+    load: impl Fn(u64) -> u64,
+) -> Option<PhysAddr> {
+    debug_assert_eq!(g.nlevels, N);
+    for lvl in 0..N {
+        match step(g, lvl, table, va, eb, &load) {
+            Step::Table(t) => table = t,
+            Step::Done(r) => return r,
+        }
+    }
+    None
+}
+
+/// A walk of the format's depth, whatever it is.
+fn walk_n(
+    g: &Geometry,
+    mut table: u64,
+    va: u64,
+    eb: u64,
+    load: impl Fn(u64) -> u64,
+) -> Option<PhysAddr> {
+    for lvl in 0..g.nlevels {
+        match step(g, lvl, table, va, eb, &load) {
+            Step::Table(t) => table = t,
+            Step::Done(r) => return r,
+        }
+    }
+    None
 }
