@@ -16,11 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vmsys::kmem::{Kmem, KmemConfig};
-use vmsys::page::PageArray;
-use vmsys::phys::{BuddyAllocator, ReservSystem};
-use vmsys::{FrameSource, PhysAddr, Platform, PmapConfig, PmapSystem};
+use vmsys::kmem::KmemConfig;
+use vmsys::{PhysAddr, PmapConfig};
 use vmsys_arch::FormatId;
+use vmsys_sim::system::System;
 use vmsys_sim::{CounterSnapshot, Machine, MachineConfig};
 
 use crate::cli::RunArgs;
@@ -194,8 +193,7 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
     let mem = m.mem().size();
     let region = region_size(format);
     let scratch_top = (mem - args.cpus as u64 * PAGE) & !(PAGE - 1);
-    let pages = Arc::new(PageArray::new(m.phys_segments()));
-    let buddy = Arc::new(BuddyAllocator::new(pages.clone()));
+    let (pages, buddy) = System::memory(&m);
     // The run's own frames, taken from the buddy before anything else runs.
     // From 16 MiB below the direct map's end (half of memory): the data frames the CPUs use
     // first (the lowest) lie on both sides of it, so transient and quick maps of them take both
@@ -251,19 +249,9 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
         args.omit_shootdown,
         cfg.shootdown_vector,
     ));
-    let sys =
-        PmapSystem::bootstrap_with_pages(plat, buddy.clone() as Arc<dyn FrameSource>, pages, cfg)
-            .map_err(|e| CliError::setup(format, format!("pmap bootstrap: {e}")))?;
-    m.run_on_all(|_| sys.init_cpu());
-    sys.install_fault_handler();
-    let sp = sys.page_sizes().nth(1).unwrap_or(PAGE);
-    let reserv = Arc::new(ReservSystem::new(
-        buddy.clone(),
-        (sp / PAGE).trailing_zeros() as usize,
-    ));
-    let kmem = m
-        .run_on(0, |_| Kmem::new(sys.clone(), reserv, KmemConfig::default()))
-        .map_err(|e| CliError::setup(format, format!("kernel memory: {e}")))?;
+    let system = System::boot_on(m.clone(), plat, pages, buddy, cfg, KmemConfig::default())
+        .map_err(|e| CliError::setup(format, e.to_string()))?;
+    let (sys, buddy, kmem) = (system.pmap, system.buddy, system.kmem);
     let geo = Geo {
         base: window_base(format),
         region,
@@ -346,10 +334,10 @@ pub fn execute(args: &RunArgs, progress: bool) -> Result<RunReport, CliError> {
     }
     let own = data_bytes / PAGE + args.cpus as u64;
     if let Ok(rep) = m.run_on(0, |_| sys.audit()) {
-        if buddy.in_use() != own + rep.frames_held {
+        if buddy.allocated_pages() != own + rep.frames_held {
             leaks.push(format!(
                 "frames: the buddy has {} out after the teardown; the run's own {own} and the pmap's {} account for {}",
-                buddy.in_use(),
+                buddy.allocated_pages(),
                 rep.frames_held,
                 own + rep.frames_held
             ));

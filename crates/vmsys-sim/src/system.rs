@@ -34,13 +34,14 @@ impl std::fmt::Display for BootError {
 
 impl std::error::Error for BootError {}
 
-/// The layers of a booted system.
-pub struct System {
+/// The layers of a booted system. `P` is how vmsys reaches the machine: the machine itself, or
+/// a wrapper around it (vmsim's, which can plant a bug).
+pub struct System<P: Platform + 'static = Machine> {
     pub m: Arc<Machine>,
-    pub pmap: Arc<PmapSystem<Machine>>,
+    pub pmap: Arc<PmapSystem<P>>,
     pub buddy: Arc<BuddyAllocator>,
     pub reserv: Arc<ReservSystem>,
-    pub kmem: Arc<Kmem<Machine>>,
+    pub kmem: Arc<Kmem<P>>,
 }
 
 /// What an audit of every layer found.
@@ -53,17 +54,39 @@ pub struct SystemAudit {
 }
 
 impl System {
-    /// Boot: machine, page array, buddy, pmap (over the buddy, on every CPU), fault handler,
-    /// reservations of the pmap's first superpage size, kernel memory.
+    /// Boot: machine, page array, buddy, then [`System::boot_on`].
     pub fn boot(
         mcfg: MachineConfig,
         pcfg: PmapConfig,
         kcfg: KmemConfig,
     ) -> Result<System, BootError> {
         let m = Machine::new(mcfg).map_err(BootError::Machine)?;
+        let (pages, buddy) = System::memory(&m);
+        System::boot_on(m.clone(), m, pages, buddy, pcfg, kcfg)
+    }
+
+    /// The page array of `m`'s memory and a buddy allocator over all of it: the first step of
+    /// a boot, for a caller that takes memory for itself before the rest boots.
+    pub fn memory(m: &Machine) -> (Arc<PageArray>, Arc<BuddyAllocator>) {
         let pages = Arc::new(PageArray::new(m.phys_segments()));
         let buddy = Arc::new(BuddyAllocator::new(pages.clone()));
-        let pmap = PmapSystem::bootstrap_with_pages(m.clone(), buddy.clone(), pages, pcfg)
+        (pages, buddy)
+    }
+}
+
+impl<P: Platform + 'static> System<P> {
+    /// Boot the layers above memory on `m`, reached through `plat`: the pmap over `buddy`
+    /// (initialised on every CPU, its fault handler installed), reservations of the pmap's
+    /// first superpage size, kernel memory.
+    pub fn boot_on(
+        m: Arc<Machine>,
+        plat: Arc<P>,
+        pages: Arc<PageArray>,
+        buddy: Arc<BuddyAllocator>,
+        pcfg: PmapConfig,
+        kcfg: KmemConfig,
+    ) -> Result<System<P>, BootError> {
+        let pmap = PmapSystem::bootstrap_with_pages(plat, buddy.clone(), pages, pcfg)
             .map_err(BootError::Pmap)?;
         for c in 0..m.cpu_count() {
             m.run_on(c, |_| pmap.init_cpu());
@@ -115,6 +138,9 @@ impl System {
         if let Err(errs) = self.kmem.audit() {
             a.violations.extend(errs);
         }
+        // What the detector met on accesses, before the machine's audit records its own
+        // findings there too.
+        let seen = self.m.detector().violations();
         a.checks += self.m.cpu_count() as u64;
         a.violations.extend(
             self.m
@@ -122,13 +148,8 @@ impl System {
                 .iter()
                 .map(|v| format!("stale translation: {v:?}")),
         );
-        a.violations.extend(
-            self.m
-                .detector()
-                .violations()
-                .iter()
-                .map(|v| format!("detector: {v:?}")),
-        );
+        a.violations
+            .extend(seen.iter().map(|v| format!("detector: {v:?}")));
         a
     }
 }

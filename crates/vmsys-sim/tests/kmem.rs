@@ -5,29 +5,29 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use rand::{Rng, SeedableRng};
 use vmsys::arch::FormatId;
-use vmsys::kmem::{Kmem, KmemConfig, KmemError, KvaLayout};
-use vmsys::phys::{BuddyAllocator, ReservSystem};
+use vmsys::kmem::{KmemConfig, KmemError, KvaLayout};
 use vmsys::platform::Platform;
-use vmsys::{FrameSource, PhysAddr, PmapConfig, PmapSystem, VirtAddr};
+use vmsys::{FrameSource, PhysAddr, PmapConfig, VirtAddr};
 use vmsys_sim::system::System;
-use vmsys_sim::{DetectorMode, Machine, MachineConfig};
+use vmsys_sim::{DetectorMode, MachineConfig};
 
 const PAGE: u64 = 4096;
 
-/// A machine with every layer: page array, buddy, pmap over the buddy, reservations, kmem.
+/// A machine with every layer (`System`), and the frames the test took for its own use.
 struct KEnv {
-    m: Arc<Machine>,
-    sys: Arc<PmapSystem<Machine>>,
-    buddy: Arc<BuddyAllocator>,
-    reserv: Arc<ReservSystem>,
-    k: Arc<Kmem<Machine>>,
+    s: System,
     /// Frames the test took from the buddy for its own use.
     borrowed: std::sync::atomic::AtomicU64,
+}
+
+impl std::ops::Deref for KEnv {
+    type Target = System;
+    fn deref(&self) -> &System {
+        &self.s
+    }
 }
 
 /// 256 MiB, direct map (where the format has one) over the first 128 MiB only.
@@ -43,40 +43,23 @@ fn kenv(f: FormatId, cpus: u32, cfg: KmemConfig) -> KEnv {
 }
 
 fn kenv_on(mcfg: MachineConfig, cfg: KmemConfig) -> KEnv {
-    let s = System::boot(mcfg, PmapConfig::default(), cfg).expect("boot");
     KEnv {
-        m: s.m,
-        sys: s.pmap,
-        buddy: s.buddy,
-        reserv: s.reserv,
-        k: s.kmem,
+        s: System::boot(mcfg, PmapConfig::default(), cfg).expect("boot"),
         borrowed: Default::default(),
     }
 }
 
 impl KEnv {
     fn sp(&self) -> u64 {
-        self.k.superpage()
+        self.kmem.superpage()
     }
-    /// Every audit; and every allocated frame is held by the pmap or by live kmem memory.
+    /// Every audit of every layer, including that each allocated frame is held by the pmap, by
+    /// live kmem memory or by the test (no leak).
     fn audit(&self) {
-        if let Err(e) = self.k.audit() {
-            panic!("kmem audit: {e:#?}");
-        }
-        let rep = self
-            .sys
-            .audit()
-            .unwrap_or_else(|e| panic!("pmap audit: {e:#?}"));
-        let v = self.m.audit();
-        assert!(v.is_empty(), "stale translations: {v:#?}");
-        let live = self.m.detector().violations();
-        assert!(live.is_empty(), "detector violations: {live:#?}");
-        let kmem_pages = self.k.stats().kmem_bytes / PAGE;
-        assert_eq!(
-            self.buddy.in_use(),
-            rep.frames_held + kmem_pages + self.borrowed.load(std::sync::atomic::Ordering::SeqCst),
-            "every allocated frame belongs to the pmap or to kmem memory (no leak)"
-        );
+        let a = self
+            .s
+            .audit(self.borrowed.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(a.violations.is_empty(), "audit: {:#?}", a.violations);
     }
     /// A frame outside the direct map (taking frames until one is).
     fn high_frame(&self) -> PhysAddr {
@@ -113,9 +96,9 @@ fn kmem_superpage_is_promoted(f: FormatId) {
     let e = kenv(f, 2, KmemConfig::default());
     let sp = e.sp();
     e.m.run_on(0, |_| {
-        let va = e.k.kmem_malloc(sp, 0, true).unwrap();
+        let va = e.kmem.kmem_malloc(sp, 0, true).unwrap();
         assert_eq!(va.as_u64() % sp, 0);
-        let m = e.sys.mapping(e.sys.kernel_pmap(), va).unwrap();
+        let m = e.pmap.mapping(e.pmap.kernel_pmap(), va).unwrap();
         assert_eq!(m.size, sp, "a full reservation is promoted");
         let data: Vec<u8> = (0..64).collect();
         e.m.kernel_write(VirtAddr::new(va.as_u64() + sp - 64), &data)
@@ -129,8 +112,8 @@ fn kmem_superpage_is_promoted(f: FormatId) {
             .unwrap();
         assert_eq!(z, [0; 16], "zeroed");
         e.audit();
-        e.k.kmem_free(va, sp).unwrap();
-        assert!(e.sys.extract(e.sys.kernel_pmap(), va).is_none());
+        e.kmem.kmem_free(va, sp).unwrap();
+        assert!(e.pmap.extract(e.pmap.kernel_pmap(), va).is_none());
     });
     e.audit();
     assert_eq!(
@@ -150,7 +133,7 @@ fn kmem_sizes_and_bad_frees(f: FormatId) {
             .into_iter()
             .enumerate()
         {
-            let va = e.k.kmem_malloc(size, 0, true).unwrap();
+            let va = e.kmem.kmem_malloc(size, 0, true).unwrap();
             c.write_u64(va.as_u64(), i as u64).unwrap();
             live.push((va, size));
         }
@@ -158,35 +141,35 @@ fn kmem_sizes_and_bad_frees(f: FormatId) {
             assert_eq!(c.read_u64(va.as_u64()), Ok(i as u64));
         }
         let (va, size) = live[3];
-        let before = e.k.stats();
+        let before = e.kmem.stats();
         assert!(matches!(
-            e.k.kmem_free(va, size + 4096),
+            e.kmem.kmem_free(va, size + 4096),
             Err(KmemError::BadFree { .. })
         ));
         assert!(matches!(
-            e.k.kmem_free(VirtAddr::new(va.as_u64() + 4096), 4096),
+            e.kmem.kmem_free(VirtAddr::new(va.as_u64() + 4096), 4096),
             Err(KmemError::BadFree { .. })
         ));
-        assert_eq!(e.k.stats(), before, "a bad free changes nothing");
+        assert_eq!(e.kmem.stats(), before, "a bad free changes nothing");
         assert!(matches!(
-            e.k.kmem_malloc(0, 0, false),
+            e.kmem.kmem_malloc(0, 0, false),
             Err(KmemError::BadSize(0))
         ));
         assert!(matches!(
-            e.k.kmem_malloc(4096, 7, false),
+            e.kmem.kmem_malloc(4096, 7, false),
             Err(KmemError::BadDomain(7))
         ));
         for (va, size) in live {
-            e.k.kmem_free(va, size).unwrap();
+            e.kmem.kmem_free(va, size).unwrap();
         }
         assert!(matches!(
-            e.k.kmem_free(va, size),
+            e.kmem.kmem_free(va, size),
             Err(KmemError::BadFree { .. })
         ));
-        let kva = e.k.kva_alloc(3 * 4096).unwrap();
-        assert!(e.k.kva_free(kva, 4096).is_err());
-        e.k.kva_free(kva, 3 * 4096).unwrap();
-        assert!(e.k.kva_free(kva, 3 * 4096).is_err(), "double free");
+        let kva = e.kmem.kva_alloc(3 * 4096).unwrap();
+        assert!(e.kmem.kva_free(kva, 4096).is_err());
+        e.kmem.kva_free(kva, 3 * 4096).unwrap();
+        assert!(e.kmem.kva_free(kva, 3 * 4096).is_err(), "double free");
     });
     e.audit();
 }
@@ -199,24 +182,24 @@ fn kmem_allocation_failure(f: FormatId) {
     e.m.run_on(0, |_| {
         // Pages: fail the 5th page of a superpage allocation.
         e.reserv.inject_failures(4, Some(1));
-        assert_eq!(e.k.kmem_malloc(sp, 0, false), Err(KmemError::NoMemory));
+        assert_eq!(e.kmem.kmem_malloc(sp, 0, false), Err(KmemError::NoMemory));
         e.reserv.clear_failures();
         e.audit();
         // KVA: kernel_arena cannot import.
-        e.k.inject_kva_failures(0, None);
-        let r = e.k.kmem_malloc(64 * sp, 0, false);
+        e.kmem.inject_kva_failures(0, None);
+        let r = e.kmem.kmem_malloc(64 * sp, 0, false);
         assert!(matches!(r, Err(KmemError::NoKva(_))), "{r:?}");
-        e.k.clear_kva_failures();
+        e.kmem.clear_kva_failures();
         e.audit();
         // Page-table pages: growkernel cannot allocate while kernel_arena imports.
         e.buddy.inject_failures(0, None);
-        let r = e.k.kmem_malloc(64 * sp, 0, false);
+        let r = e.kmem.kmem_malloc(64 * sp, 0, false);
         e.buddy.clear_failures();
         assert!(r.is_err(), "{r:?}");
         e.audit();
         // And after all that, memory still works.
-        let va = e.k.kmem_malloc(2 * sp, 0, true).unwrap();
-        e.k.kmem_free(va, 2 * sp).unwrap();
+        let va = e.kmem.kmem_malloc(2 * sp, 0, true).unwrap();
+        e.kmem.kmem_free(va, 2 * sp).unwrap();
     });
     e.audit();
 }
@@ -230,9 +213,11 @@ fn transient_io_mappings(f: FormatId) {
     let low = e.low_frame();
     let high = e.high_frame();
     e.m.run_on(0, |c| {
-        e.k.bounce_to_phys(high, 8, &0xfeed_u64.to_le_bytes())
+        e.kmem
+            .bounce_to_phys(high, 8, &0xfeed_u64.to_le_bytes())
             .unwrap();
-        e.k.bounce_to_phys(low, 8, &0xbeef_u64.to_le_bytes())
+        e.kmem
+            .bounce_to_phys(low, 8, &0xbeef_u64.to_le_bytes())
             .unwrap();
         let mut b = [0u8; 8];
         e.m.phys_read(PhysAddr::new(high.as_u64() + 8), &mut b);
@@ -241,44 +226,44 @@ fn transient_io_mappings(f: FormatId) {
             0xfeed,
             "bounce copy reached the frame"
         );
-        e.k.bounce_from_phys(low, 8, &mut b).unwrap();
+        e.kmem.bounce_from_phys(low, 8, &mut b).unwrap();
         assert_eq!(u64::from_le_bytes(b), 0xbeef);
 
-        if e.sys.direct_map().is_some() {
-            let m = e.k.map_io_transient(&[low], false).unwrap();
+        if e.pmap.direct_map().is_some() {
+            let m = e.kmem.map_io_transient(&[low], false).unwrap();
             assert!(m.is_direct());
-            e.k.unmap_io_transient(m).unwrap();
+            e.kmem.unmap_io_transient(m).unwrap();
         }
         // Pinned: no IPI, no broadcast, entry cleared after.
         let ipis = e.m.counters().ipis_sent;
-        let shoot = e.sys.stats().shootdowns;
-        let m = e.k.map_io_transient(&[high, low], false).unwrap();
+        let shoot = e.pmap.stats().shootdowns;
+        let m = e.kmem.map_io_transient(&[high, low], false).unwrap();
         assert!(!m.is_direct());
         assert_eq!(c.read_u64(m.vas[0].as_u64() + 8), Ok(0xfeed));
         assert_eq!(c.read_u64(m.vas[1].as_u64() + 8), Ok(0xbeef));
         let va = m.vas[0];
         e.audit();
-        e.k.unmap_io_transient(m).unwrap();
+        e.kmem.unmap_io_transient(m).unwrap();
         assert_eq!(e.m.counters().ipis_sent, ipis, "pinned: no IPI");
-        assert_eq!(e.sys.stats().shootdowns, shoot, "pinned: no shootdown");
+        assert_eq!(e.pmap.stats().shootdowns, shoot, "pinned: no shootdown");
         assert!(
-            e.sys.extract(e.sys.kernel_pmap(), va).is_none(),
+            e.pmap.extract(e.pmap.kernel_pmap(), va).is_none(),
             "entry cleared"
         );
         assert!(c.read_u64(va.as_u64()).is_err());
         // can_fault: qenter, shot down on removal.
-        let m = e.k.map_io_transient(&[high], true).unwrap();
+        let m = e.kmem.map_io_transient(&[high], true).unwrap();
         assert_eq!(c.read_u64(m.vas[0].as_u64() + 8), Ok(0xfeed));
-        e.k.unmap_io_transient(m).unwrap();
+        e.kmem.unmap_io_transient(m).unwrap();
         assert!(
-            e.sys.stats().shootdowns > shoot,
+            e.pmap.stats().shootdowns > shoot,
             "can_fault: shot down everywhere"
         );
     });
     // Pinned to CPU 0: CPU 1 may not unmap it.
     let m =
-        e.m.run_on(0, |_| e.k.map_io_transient(&[high], false).unwrap());
-    let m = e.m.run_on(1, |_| match e.k.unmap_io_transient(m) {
+        e.m.run_on(0, |_| e.kmem.map_io_transient(&[high], false).unwrap());
+    let m = e.m.run_on(1, |_| match e.kmem.unmap_io_transient(m) {
         Err((
             KmemError::WrongCpu {
                 mapped_on: 0,
@@ -288,7 +273,7 @@ fn transient_io_mappings(f: FormatId) {
         )) => m,
         r => panic!("{r:?}"),
     });
-    e.m.run_on(0, |_| e.k.unmap_io_transient(m).unwrap());
+    e.m.run_on(0, |_| e.kmem.unmap_io_transient(m).unwrap());
     e.audit();
 }
 
@@ -304,13 +289,13 @@ fn transient_guard_pages(f: FormatId) {
     );
     let high = e.high_frame();
     e.m.run_on(0, |c| {
-        let m = e.k.map_io_transient(&[high], false).unwrap();
+        let m = e.kmem.map_io_transient(&[high], false).unwrap();
         let va = m.vas[0].as_u64();
         assert!(c.read_u64(va).is_ok());
         assert!(c.read_u64(va - PAGE).is_err(), "leading guard");
         assert!(c.read_u64(va + PAGE).is_err(), "trailing guard");
         e.audit();
-        e.k.unmap_io_transient(m).unwrap();
+        e.kmem.unmap_io_transient(m).unwrap();
     });
     e.audit();
 }
@@ -325,7 +310,7 @@ fn transient_guard_pages(f: FormatId) {
 fn seed000_unified_layout_lets_promotion_swallow_a_transient_entry() {
     let (e, swallowed) = seed000_scenario(KvaLayout::Unified);
     assert!(swallowed, "the unified layout lets the promotion happen");
-    let errs = e.k.audit().unwrap_err();
+    let errs = e.kmem.audit().unwrap_err();
     assert!(
         errs.iter().any(|s| s.starts_with("KVA-1")) && errs.iter().any(|s| s.starts_with("KVA-3")),
         "{errs:#?}"
@@ -353,23 +338,23 @@ fn seed000_scenario(layout: KvaLayout) -> (KEnv, bool) {
     );
     let sp = e.sp();
     let swallowed = e.m.run_on(0, |_| {
-        let a = e.k.kmem_malloc(sp - 2 * PAGE, 0, false).unwrap();
+        let a = e.kmem.kmem_malloc(sp - 2 * PAGE, 0, false).unwrap();
         assert_eq!(a.as_u64() % sp, 0);
         let base = e
-            .sys
-            .extract(e.sys.kernel_pmap(), a)
+            .pmap
+            .extract(e.pmap.kernel_pmap(), a)
             .expect("mapped")
             .as_u64();
         // The free frame of the reservation's second-to-last slot, borrowed for the I/O.
         let borrowed = PhysAddr::new(base + sp - 2 * PAGE);
-        let t = e.k.map_io_transient(&[borrowed], true).unwrap();
-        let b = e.k.kmem_malloc(PAGE, 0, false).unwrap();
-        let m = e.sys.mapping(e.sys.kernel_pmap(), t.vas[0]).unwrap();
+        let t = e.kmem.map_io_transient(&[borrowed], true).unwrap();
+        let b = e.kmem.kmem_malloc(PAGE, 0, false).unwrap();
+        let m = e.pmap.mapping(e.pmap.kernel_pmap(), t.vas[0]).unwrap();
         let swallowed = m.size > PAGE;
         if !swallowed {
-            e.k.unmap_io_transient(t).unwrap();
-            e.k.kmem_free(b, PAGE).unwrap();
-            e.k.kmem_free(a, sp - 2 * PAGE).unwrap();
+            e.kmem.unmap_io_transient(t).unwrap();
+            e.kmem.kmem_free(b, PAGE).unwrap();
+            e.kmem.kmem_free(a, sp - 2 * PAGE).unwrap();
         } else {
             // qremove would now meet a superpage (a debug assertion): leave it mapped.
             std::mem::forget(t);
@@ -403,7 +388,7 @@ fn churn(f: FormatId) {
                                     1 => rng.gen_range(1..=8) * PAGE,
                                     _ => rng.gen_range(1..64) * PAGE + rng.gen_range(0..PAGE),
                                 };
-                                let va = e.k.kmem_malloc(size, 0, false).unwrap();
+                                let va = e.kmem.kmem_malloc(size, 0, false).unwrap();
                                 let tag = (cpu as u64) << 32 | step;
                                 c.write_u64(va.as_u64(), tag).unwrap();
                                 live.push((va, size, tag));
@@ -412,43 +397,43 @@ fn churn(f: FormatId) {
                                 let i = rng.gen_range(0..live.len());
                                 let (va, size, tag) = live.swap_remove(i);
                                 assert_eq!(c.read_u64(va.as_u64()), Ok(tag), "seed {seed}");
-                                e.k.kmem_free(va, size).unwrap();
+                                e.kmem.kmem_free(va, size).unwrap();
                             }
                             6..=7 => {
                                 let pa = highs[cpu as usize];
-                                let m = e.k.map_io_transient(&[pa], rng.gen_bool(0.5)).unwrap();
+                                let m = e.kmem.map_io_transient(&[pa], rng.gen_bool(0.5)).unwrap();
                                 c.write_u64(m.vas[0].as_u64() + 16, step).unwrap();
-                                e.k.unmap_io_transient(m).unwrap();
+                                e.kmem.unmap_io_transient(m).unwrap();
                                 let mut b = [0u8; 8];
-                                e.k.bounce_from_phys(pa, 16, &mut b).unwrap();
+                                e.kmem.bounce_from_phys(pa, 16, &mut b).unwrap();
                                 assert_eq!(u64::from_le_bytes(b), step, "seed {seed}");
                             }
                             8 => {
                                 let n = rng.gen_range(1..4);
-                                let va = e.k.kva_alloc(n * PAGE).unwrap();
+                                let va = e.kmem.kva_alloc(n * PAGE).unwrap();
                                 let frames = vec![highs[cpu as usize]; n as usize];
-                                e.sys.qenter(va, &frames).unwrap();
+                                e.pmap.qenter(va, &frames).unwrap();
                                 assert!(c.read_u64(va.as_u64()).is_ok());
-                                e.sys.qremove(va, n as usize).unwrap();
-                                e.k.kva_free(va, n * PAGE).unwrap();
+                                e.pmap.qremove(va, n as usize).unwrap();
+                                e.kmem.kva_free(va, n * PAGE).unwrap();
                             }
                             _ => {
-                                let va = e.sys.quick_enter_page(highs[cpu as usize]);
+                                let va = e.pmap.quick_enter_page(highs[cpu as usize]);
                                 c.write_u64(va.as_u64() + 24, step).unwrap();
-                                e.sys.quick_remove_page(va);
+                                e.pmap.quick_remove_page(va);
                             }
                         }
                     }
                     for (va, size, tag) in live {
                         assert_eq!(c.read_u64(va.as_u64()), Ok(tag), "seed {seed}");
-                        e.k.kmem_free(va, size).unwrap();
+                        e.kmem.kmem_free(va, size).unwrap();
                     }
                 })
             });
         }
     });
     assert!(
-        e.sys.stats().promotions > 0,
+        e.pmap.stats().promotions > 0,
         "seed {seed}: superpage-sized allocations promote"
     );
     e.audit();
@@ -464,11 +449,11 @@ fn zero_and_copy_pages(f: FormatId) {
         for (src, dst) in [(low, high), (high, low)] {
             e.m.phys_write(src, &[0x5a; 4096]);
             e.m.phys_write(dst, &[0xa5; 4096]);
-            e.k.copy_page(src, dst).unwrap();
+            e.kmem.copy_page(src, dst).unwrap();
             let mut b = vec![0u8; 4096];
             e.m.phys_read(dst, &mut b);
             assert!(b.iter().all(|&x| x == 0x5a), "copied {src} -> {dst}");
-            e.k.zero_page(dst).unwrap();
+            e.kmem.zero_page(dst).unwrap();
             e.m.phys_read(dst, &mut b);
             assert!(b.iter().all(|&x| x == 0), "zeroed {dst}");
         }
@@ -490,18 +475,18 @@ fn kmem_domains_get_their_own_pages() {
     let sp = e.sp();
     e.m.run_on(1, |_| {
         for d in 0..2 {
-            let va = e.k.kmem_malloc(sp + 3 * PAGE, d, false).unwrap();
+            let va = e.kmem.kmem_malloc(sp + 3 * PAGE, d, false).unwrap();
             for i in [0, sp / PAGE, sp / PAGE + 2] {
                 let pa = e
-                    .sys
-                    .extract(e.sys.kernel_pmap(), VirtAddr::new(va.as_u64() + i * PAGE))
+                    .pmap
+                    .extract(e.pmap.kernel_pmap(), VirtAddr::new(va.as_u64() + i * PAGE))
                     .unwrap();
-                assert_eq!(e.sys.pages().meta(pa).domain() as usize, d);
+                assert_eq!(e.pmap.pages().meta(pa).domain() as usize, d);
             }
-            e.k.kmem_free(va, sp + 3 * PAGE).unwrap();
+            e.kmem.kmem_free(va, sp + 3 * PAGE).unwrap();
         }
         assert!(matches!(
-            e.k.kmem_malloc(PAGE, 2, false),
+            e.kmem.kmem_malloc(PAGE, 2, false),
             Err(KmemError::BadDomain(2))
         ));
     });
