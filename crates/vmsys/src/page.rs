@@ -647,18 +647,13 @@ impl PageArray {
 mod tests {
     use super::*;
 
-    fn seg(start: u64, end: u64, domain: u8) -> PhysSegment {
-        PhysSegment {
-            start: PhysAddr::new(start),
-            end: PhysAddr::new(end),
-            domain,
-        }
-    }
-
     #[test]
     fn lookup_by_address_and_index() {
         // Given out of order: the array sorts them.
-        let pa = PageArray::new(&[seg(0x10_0000, 0x10_4000, 1), seg(0x1000, 0x3000, 0)]);
+        let pa = PageArray::new(&[
+            PhysSegment::new(0x10_0000, 0x10_4000, 1),
+            PhysSegment::new(0x1000, 0x3000, 0),
+        ]);
         assert_eq!(pa.len(), 6);
         assert_eq!(pa.domain_count(), 2);
         assert_eq!(pa.index_of(PhysAddr::new(0x1000)), Some(0));
@@ -681,12 +676,15 @@ mod tests {
     #[test]
     #[should_panic(expected = "overlap")]
     fn overlapping_segments_are_refused() {
-        PageArray::new(&[seg(0, 0x3000, 0), seg(0x2000, 0x5000, 1)]);
+        PageArray::new(&[
+            PhysSegment::new(0, 0x3000, 0),
+            PhysSegment::new(0x2000, 0x5000, 1),
+        ]);
     }
 
     #[test]
     fn busy_lock() {
-        let pa = PageArray::new(&[seg(0, 0x1000, 0)]);
+        let pa = PageArray::new(&[PhysSegment::new(0, 0x1000, 0)]);
         let m = pa.page(0);
         assert!(m.try_sbusy() && m.try_sbusy());
         assert_eq!(m.sbusy_count(), 2);
@@ -707,7 +705,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "not exclusively busied")]
     fn xunbusy_unbusied_panics() {
-        let pa = PageArray::new(&[seg(0, 0x1000, 0)]);
+        let pa = PageArray::new(&[PhysSegment::new(0, 0x1000, 0)]);
         pa.page(0).xunbusy();
     }
 
@@ -718,7 +716,7 @@ mod tests {
         assert_eq!(block_bits(511, 2), 0b11);
         assert_eq!(block_bits(512, 1024), 0b110);
         assert_eq!(block_bits(0, PAGE_SIZE), ALL_BLOCKS);
-        let pa = PageArray::new(&[seg(0, 0x1000, 0)]);
+        let pa = PageArray::new(&[PhysSegment::new(0, 0x1000, 0)]);
         let m = pa.page(0);
         m.set_valid_range(0, 1000);
         assert_eq!(m.valid_bits(), 0b11);
@@ -744,7 +742,7 @@ mod tests {
 
     #[test]
     fn owner_and_wiring() {
-        let pa = PageArray::new(&[seg(0, 0x1000, 0)]);
+        let pa = PageArray::new(&[PhysSegment::new(0, 0x1000, 0)]);
         let m = pa.page(0);
         assert_eq!(m.owner(), None);
         m.set_owner(Some((ObjectId(7), 42)));

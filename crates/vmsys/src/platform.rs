@@ -236,6 +236,17 @@ pub struct PhysSegment {
     pub domain: u8,
 }
 
+impl PhysSegment {
+    /// `[start, end)` in `domain`.
+    pub const fn new(start: u64, end: u64, domain: u8) -> Self {
+        PhysSegment {
+            start: PhysAddr::new(start),
+            end: PhysAddr::new(end),
+            domain,
+        }
+    }
+}
+
 /// The hardware as vmsys sees it.
 ///
 /// Physical-memory methods take addresses that the machine has; page-table words are accessed

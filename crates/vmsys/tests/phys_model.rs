@@ -19,14 +19,6 @@ use vmsys::{PhysAddr, PAGE_SIZE};
 
 const MB: u64 = 1 << 20;
 
-fn seg(start: u64, end: u64, domain: u8) -> PhysSegment {
-    PhysSegment {
-        start: PhysAddr::new(start),
-        end: PhysAddr::new(end),
-        domain,
-    }
-}
-
 fn system(segs: &[PhysSegment], order: usize) -> ReservSystem {
     let pages = Arc::new(PageArray::new(segs));
     ReservSystem::new(Arc::new(BuddyAllocator::new(pages)), order)
@@ -53,7 +45,7 @@ fn snapshot(r: &ReservSystem) -> (Vec<(PhysAddr, u8)>, u64, vmsys::phys::ReservS
 #[test]
 fn reservation_filled_in_random_order_is_contiguous_and_aligned() {
     for order in [9usize, 10] {
-        let r = system(&[seg(0x1000, 24 * MB, 0)], order);
+        let r = system(&[PhysSegment::new(0x1000, 24 * MB, 0)], order);
         let n = 1u64 << order;
         let obj = ObjectId(9);
         let first = 3 * n;
@@ -99,7 +91,7 @@ fn reservation_filled_in_random_order_is_contiguous_and_aligned() {
 /// its populated frames stay allocated as ordinary frames.
 #[test]
 fn partial_reservation_is_broken_under_memory_pressure() {
-    let r = system(&[seg(0, 6 * MB, 0)], 9);
+    let r = system(&[PhysSegment::new(0, 6 * MB, 0)], 9);
     let (a, b, c) = (ObjectId(1), ObjectId(2), ObjectId(3));
     let pb = r.alloc_page(b, 0, 0).unwrap(); // oldest
     let pa0 = r.alloc_page(a, 0, 0).unwrap();
@@ -158,7 +150,13 @@ fn partial_reservation_is_broken_under_memory_pressure() {
 /// and impossible requests fail without changing anything.
 #[test]
 fn alloc_contig_honours_alignment_and_boundary() {
-    let r = system(&[seg(0x3000, 8 * MB, 0), seg(16 * MB, 20 * MB, 1)], 9);
+    let r = system(
+        &[
+            PhysSegment::new(0x3000, 8 * MB, 0),
+            PhysSegment::new(16 * MB, 20 * MB, 1),
+        ],
+        9,
+    );
     let b = r.buddy();
     let mut runs = Vec::new();
     let mut rng = SmallRng::seed_from_u64(7);
@@ -189,7 +187,7 @@ fn alloc_contig_honours_alignment_and_boundary() {
     assert!(runs.len() > 50, "many requests can be met: {}", runs.len());
     // The first run of a fresh allocator starts at the odd segment start, across blocks of
     // orders 0, 2, 3, ...
-    let f = system(&[seg(0x3000, 8 * MB, 0)], 9);
+    let f = system(&[PhysSegment::new(0x3000, 8 * MB, 0)], 9);
     let p = f
         .buddy()
         .alloc_contig(0, 13, pa(0), pa(u64::MAX), PAGE_SIZE, 0)
@@ -235,7 +233,7 @@ fn alloc_contig_honours_alignment_and_boundary() {
 /// buddy allocator, its frame-source face and the reservation system.
 #[test]
 fn double_free_and_wrong_order_free_are_errors_and_change_nothing() {
-    let r = system(&[seg(0, 8 * MB, 0)], 9);
+    let r = system(&[PhysSegment::new(0, 8 * MB, 0)], 9);
     let b = r.buddy();
     let x = b.alloc(0, 3).unwrap();
     let y = b.alloc(0, 0).unwrap();
@@ -311,7 +309,13 @@ fn double_free_and_wrong_order_free_are_errors_and_change_nothing() {
 /// PHYS-7: injected failures make every allocation path fail cleanly, and nothing leaks.
 #[test]
 fn fault_injection_returns_none_and_leaks_nothing() {
-    let r = system(&[seg(0, 8 * MB, 0), seg(8 * MB, 12 * MB, 1)], 9);
+    let r = system(
+        &[
+            PhysSegment::new(0, 8 * MB, 0),
+            PhysSegment::new(8 * MB, 12 * MB, 1),
+        ],
+        9,
+    );
     let b = r.buddy();
     let before = snapshot(&r);
     b.inject_failures(2, Some(3));
@@ -361,9 +365,9 @@ fn fault_injection_returns_none_and_leaks_nothing() {
 fn multi_domain_fallback() {
     let r = system(
         &[
-            seg(0, 4 * MB, 0),
-            seg(4 * MB, 12 * MB, 1),
-            seg(12 * MB, 14 * MB, 2),
+            PhysSegment::new(0, 4 * MB, 0),
+            PhysSegment::new(4 * MB, 12 * MB, 1),
+            PhysSegment::new(12 * MB, 14 * MB, 2),
         ],
         9,
     );
@@ -422,7 +426,13 @@ fn multi_domain_fallback() {
 /// reservation pages) leave a consistent allocator that coalesces completely.
 #[test]
 fn concurrent_alloc_free_then_audit() {
-    let r = Arc::new(system(&[seg(0, 16 * MB, 0), seg(16 * MB, 32 * MB, 1)], 9));
+    let r = Arc::new(system(
+        &[
+            PhysSegment::new(0, 16 * MB, 0),
+            PhysSegment::new(16 * MB, 32 * MB, 1),
+        ],
+        9,
+    ));
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let r = Arc::clone(&r);
@@ -685,7 +695,10 @@ fn res_alloc(
 }
 
 fn run(ops: Vec<Op>, rorder: usize) -> Result<(), TestCaseError> {
-    let segs: Vec<_> = SEGS.iter().map(|&(s, e, d)| seg(s, e, d)).collect();
+    let segs: Vec<_> = SEGS
+        .iter()
+        .map(|&(s, e, d)| PhysSegment::new(s, e, d))
+        .collect();
     let r = system(&segs, rorder);
     let b = Arc::clone(r.buddy());
     let n = 1u64 << rorder;

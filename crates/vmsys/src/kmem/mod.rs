@@ -216,8 +216,8 @@ impl<P: Platform + 'static> VmemSource for KvaGrower<P> {
     fn release(&self, _base: u64, _size: u64) {}
 }
 
-/// An arena as another arena's source, with imports rounded to superpages and aligned to
-/// them (the per-domain and transient arenas importing from `kernel_arena`).
+/// `kernel_arena` as the source of the per-domain and transient arenas, with every import
+/// aligned to a superpage (the importing arena's import quantum makes them superpage-sized).
 struct SuperpageImports {
     parent: Arc<Arena>,
     sp: u64,
@@ -225,20 +225,12 @@ struct SuperpageImports {
 
 impl VmemSource for SuperpageImports {
     fn import(&self, size: u64, align: u64) -> Result<u64, VmemError> {
-        let size = size.next_multiple_of(self.sp);
-        self.parent.xalloc(
-            size,
-            align.max(self.sp),
-            0,
-            0,
-            crate::vmem::ADDR_MIN,
-            crate::vmem::ADDR_MAX,
-            Policy::InstantFit,
-        )
+        debug_assert!(size.is_multiple_of(self.sp), "imports are superpage-sized");
+        self.parent.import(size, align.max(self.sp))
     }
     fn release(&self, base: u64, size: u64) {
         self.parent
-            .free(base, size)
+            .xfree(base, size)
             .expect("a span imported from kernel_arena goes back whole");
     }
 }
@@ -301,14 +293,9 @@ impl<P: Platform + 'static> Kmem<P> {
                         sp,
                     )
                     .keep_imports(),
-                // Unified: a pass-through sub-arena, page-granular imports released at once,
-                // so that its allocations land wherever kernel_arena puts them.
-                KvaLayout::Unified => c.source(
-                    Arc::new(PassThrough {
-                        parent: kernel_arena.clone(),
-                    }),
-                    PAGE_SIZE,
-                ),
+                // Unified: kernel_arena itself is the source, page-granular imports released
+                // at once, so that allocations land wherever kernel_arena puts them.
+                KvaLayout::Unified => c.source(kernel_arena.clone(), PAGE_SIZE),
             };
             arena(c)
         };
@@ -557,14 +544,24 @@ impl<P: Platform + 'static> Kmem<P> {
         Ok(())
     }
 
-    /// Zero a physical page through the direct map, or a quick mapping where the page lies
-    /// outside it (the pmap's quick map passes direct-map pages through).
-    pub fn zero_page(&self, pa: PhysAddr) -> Result<(), KmemError> {
+    /// Run `f` on the kernel address of `pa`: the direct map, or a quick mapping held around
+    /// `f` (the pmap's quick map passes direct-map pages through).
+    fn through_quick_map<R>(
+        &self,
+        pa: PhysAddr,
+        f: impl FnOnce(VirtAddr) -> Result<R, Fault>,
+    ) -> Result<R, KmemError> {
         let va = self.sys.quick_enter_page(pa);
-        let r = self.plat().kernel_zero(va, PAGE_SIZE);
+        let r = f(va);
         self.sys.quick_remove_page(va);
-        self.stats.pages_zeroed.fetch_add(1, Ordering::Relaxed);
         r.map_err(KmemError::Fault)
+    }
+
+    /// Zero a physical page through the direct map, or a quick mapping where the page lies
+    /// outside it.
+    pub fn zero_page(&self, pa: PhysAddr) -> Result<(), KmemError> {
+        self.stats.pages_zeroed.fetch_add(1, Ordering::Relaxed);
+        self.through_quick_map(pa, |va| self.plat().kernel_zero(va, PAGE_SIZE))
     }
 
     /// Copy a physical page to another (through the direct map or the two quick slots).
@@ -575,18 +572,22 @@ impl<P: Platform + 'static> Kmem<P> {
         r.map_err(KmemError::Fault)
     }
 
+    /// A bounce copy of `len` bytes at `off` must stay inside the page; count it.
+    fn start_bounce(&self, off: u64, len: usize) -> Result<(), KmemError> {
+        if off + len as u64 > PAGE_SIZE {
+            return Err(KmemError::BadSize(off + len as u64));
+        }
+        self.stats.bounce_copies.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Bounce-buffer copy (busdma style): `data` into the physical page `pa` at `off`.
     pub fn bounce_to_phys(&self, pa: PhysAddr, off: u64, data: &[u8]) -> Result<(), KmemError> {
-        if off + data.len() as u64 > PAGE_SIZE {
-            return Err(KmemError::BadSize(off + data.len() as u64));
-        }
-        let va = self.sys.quick_enter_page(pa);
-        let r = self
-            .plat()
-            .kernel_write(VirtAddr::new(va.as_u64() + off), data);
-        self.sys.quick_remove_page(va);
-        self.stats.bounce_copies.fetch_add(1, Ordering::Relaxed);
-        r.map_err(KmemError::Fault)
+        self.start_bounce(off, data.len())?;
+        self.through_quick_map(pa, |va| {
+            self.plat()
+                .kernel_write(VirtAddr::new(va.as_u64() + off), data)
+        })
     }
 
     /// Bounce-buffer copy: bytes of the physical page `pa` from `off` into `buf`.
@@ -596,16 +597,11 @@ impl<P: Platform + 'static> Kmem<P> {
         off: u64,
         buf: &mut [u8],
     ) -> Result<(), KmemError> {
-        if off + buf.len() as u64 > PAGE_SIZE {
-            return Err(KmemError::BadSize(off + buf.len() as u64));
-        }
-        let va = self.sys.quick_enter_page(pa);
-        let r = self
-            .plat()
-            .kernel_read(VirtAddr::new(va.as_u64() + off), buf);
-        self.sys.quick_remove_page(va);
-        self.stats.bounce_copies.fetch_add(1, Ordering::Relaxed);
-        r.map_err(KmemError::Fault)
+        self.start_bounce(off, buf.len())?;
+        self.through_quick_map(pa, |va| {
+            self.plat()
+                .kernel_read(VirtAddr::new(va.as_u64() + off), buf)
+        })
     }
 
     /// Counters and bytes in use.
@@ -720,30 +716,5 @@ impl<P: Platform + 'static> Kmem<P> {
         } else {
             Err(errs)
         }
-    }
-}
-
-/// The unified (hazard) layout's sub-arena source: page-granular pass-through to
-/// `kernel_arena`.
-struct PassThrough {
-    parent: Arc<Arena>,
-}
-
-impl VmemSource for PassThrough {
-    fn import(&self, size: u64, align: u64) -> Result<u64, VmemError> {
-        self.parent.xalloc(
-            size,
-            align,
-            0,
-            0,
-            crate::vmem::ADDR_MIN,
-            crate::vmem::ADDR_MAX,
-            Policy::InstantFit,
-        )
-    }
-    fn release(&self, base: u64, size: u64) {
-        self.parent
-            .free(base, size)
-            .expect("a span imported from kernel_arena goes back whole");
     }
 }

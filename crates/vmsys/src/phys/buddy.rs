@@ -826,14 +826,6 @@ mod tests {
     use super::*;
     use crate::platform::PhysSegment;
 
-    fn seg(start: u64, end: u64, domain: u8) -> PhysSegment {
-        PhysSegment {
-            start: PhysAddr::new(start),
-            end: PhysAddr::new(end),
-            domain,
-        }
-    }
-
     fn buddy(segs: &[PhysSegment]) -> BuddyAllocator {
         BuddyAllocator::new(Arc::new(PageArray::new(segs)))
     }
@@ -843,7 +835,7 @@ mod tests {
     #[test]
     fn seeding_is_maximal_aligned_blocks() {
         // 0x1000..0x10_0000 + 0x3000: 1 + 2 + 4 + ... frames.
-        let b = buddy(&[seg(0x1000, 0x10_3000, 0)]);
+        let b = buddy(&[PhysSegment::new(0x1000, 0x10_3000, 0)]);
         b.audit().unwrap();
         let blocks = b.free_blocks();
         assert_eq!(blocks, b.initial_blocks());
@@ -852,14 +844,14 @@ mod tests {
         assert_eq!(*blocks.last().unwrap(), (PhysAddr::new(0x10_2000), 0));
         assert_eq!(b.total_free_pages(), 0x102);
         // 64 MiB at 0: four blocks of MAX_ORDER.
-        let b = buddy(&[seg(0, 64 * MB, 0)]);
+        let b = buddy(&[PhysSegment::new(0, 64 * MB, 0)]);
         assert_eq!(b.free_counts(0)[MAX_ORDER], 4);
         assert_eq!(b.free_pages(0), 64 * MB / PAGE_SIZE);
     }
 
     #[test]
     fn split_and_coalesce() {
-        let b = buddy(&[seg(0, 16 * MB, 0)]);
+        let b = buddy(&[PhysSegment::new(0, 16 * MB, 0)]);
         let a = b.alloc(0, 0).unwrap();
         assert_eq!(a, PhysAddr::new(0));
         let counts = b.free_counts(0);
@@ -878,7 +870,7 @@ mod tests {
 
     #[test]
     fn free_errors_change_nothing() {
-        let b = buddy(&[seg(0, 4 * MB, 0)]);
+        let b = buddy(&[PhysSegment::new(0, 4 * MB, 0)]);
         let a = b.alloc(0, 2).unwrap();
         let before = b.free_blocks();
         assert_eq!(
@@ -923,7 +915,7 @@ mod tests {
 
     #[test]
     fn split_block_frees_page_by_page() {
-        let b = buddy(&[seg(0, 4 * MB, 0)]);
+        let b = buddy(&[PhysSegment::new(0, 4 * MB, 0)]);
         let a = b.alloc(0, 4).unwrap();
         b.split(a, 4).unwrap();
         b.audit().unwrap();
@@ -938,7 +930,7 @@ mod tests {
     #[test]
     fn contig_out_of_several_blocks() {
         // Segment starts at 3 frames: blocks 3(0), 4(2), 8(3), 16(4)...
-        let b = buddy(&[seg(0x3000, 0x40_0000, 0)]);
+        let b = buddy(&[PhysSegment::new(0x3000, 0x40_0000, 0)]);
         let r = b
             .alloc_contig(
                 0,
@@ -959,7 +951,7 @@ mod tests {
 
     #[test]
     fn frame_source_round_robin() {
-        let b = buddy(&[seg(0, MB, 0), seg(MB, 2 * MB, 1)]);
+        let b = buddy(&[PhysSegment::new(0, MB, 0), PhysSegment::new(MB, 2 * MB, 1)]);
         let f: &dyn FrameSource = &b;
         let x = f.alloc().unwrap();
         let y = f.alloc().unwrap();

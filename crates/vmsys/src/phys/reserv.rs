@@ -575,11 +575,7 @@ mod tests {
     use crate::platform::PhysSegment;
 
     fn system(mb: u64, order: usize) -> ReservSystem {
-        let pages = Arc::new(PageArray::new(&[PhysSegment {
-            start: PhysAddr::new(0),
-            end: PhysAddr::new(mb << 20),
-            domain: 0,
-        }]));
+        let pages = Arc::new(PageArray::new(&[PhysSegment::new(0, mb << 20, 0)]));
         ReservSystem::new(Arc::new(BuddyAllocator::new(pages)), order)
     }
 

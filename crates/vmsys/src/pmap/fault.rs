@@ -18,6 +18,7 @@ use vmsys_arch::{Entry, Prot};
 
 use crate::platform::{AccessKind, Fault, FaultReason, FaultResolution, Platform};
 
+use super::remove::Found;
 use super::table;
 use super::{Pmap, PmapStats, PmapSystem};
 
@@ -56,13 +57,16 @@ impl<P: Platform> PmapSystem<P> {
         };
         // Under the lock: a change of this address space by another CPU is complete.
         let _st = table::lock(&pmap.state, &*self.plat);
-        let Some((slot, raw, level)) = self.leaf_slot(&pmap, va) else {
-            return FaultResolution::Deliver;
+        let g = &self.geom;
+        let (slot, level) = match self.cursor_at(&pmap, va) {
+            Found::Run { table, idx } => (g.slot(table, idx), g.last()),
+            Found::Super { level, slot, .. } => (slot, level),
+            Found::Hole { .. } => return FaultResolution::Deliver,
         };
+        let raw = self.tables().load(slot);
         let Entry::Leaf { prot, .. } = fmt.decode(raw, level) else {
             return FaultResolution::Deliver;
         };
-        let g = &self.geom;
         let allowed = (!f.user || prot.contains(Prot::USER))
             && match f.access {
                 AccessKind::Read => true,
@@ -84,22 +88,5 @@ impl<P: Platform> PmapSystem<P> {
         // this CPU faulted, and the tables allow the access everywhere).
         self.invalidate_local_page(va & !(crate::addr::PAGE_SIZE - 1));
         FaultResolution::Retry
-    }
-
-    /// The leaf that maps `va`: its slot, value and level.
-    fn leaf_slot(&self, pmap: &Pmap, va: u64) -> Option<(u64, u64, usize)> {
-        let g = &self.geom;
-        let t = self.tables();
-        let mut table = pmap.root.as_u64();
-        for lvl in 0..g.nlevels {
-            let slot = g.slot(table, g.index(va, lvl));
-            let raw = t.load(slot);
-            if g.is_table(raw, lvl) {
-                table = g.table_pa(raw, lvl);
-                continue;
-            }
-            return g.is_leaf_not_table(raw, lvl).then_some((slot, raw, lvl));
-        }
-        None
     }
 }

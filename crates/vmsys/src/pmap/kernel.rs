@@ -543,36 +543,35 @@ impl<P: Platform> PmapSystem<P> {
     /// global, never promoted where the format has a no-promote bit; entries that already
     /// hold the same frame are not rewritten, and only replaced valid entries are shot down.
     pub fn qenter(&self, va: VirtAddr, pages: &[PhysAddr]) -> Result<(), PmapError> {
-        if pages.is_empty() {
-            return Ok(());
-        }
-        self.check_range(&self.kernel, va, pages.len() as u64 * PAGE_SIZE, PAGE_SIZE)?;
-        let mut vals = Vec::with_capacity(pages.len());
-        for &p in pages {
-            self.check_pa(p, PAGE_SIZE, false)?;
-            vals.push(self.kernel_entry(
-                self.geom.last(),
-                p.as_u64(),
-                CacheMode::WriteBack,
-                true,
-            )?);
-        }
-        self.kernel_pages(va.as_u64(), pages.len(), |i| vals[i], "qenter")
+        self.qenter_scoped(va, pages, "qenter", false)
     }
 
     /// Unmap `count` pages at `va` mapped by `qenter` (FreeBSD `pmap_qremove`).
     pub fn qremove(&self, va: VirtAddr, count: usize) -> Result<(), PmapError> {
-        if count == 0 {
-            return Ok(());
-        }
-        self.check_range(&self.kernel, va, count as u64 * PAGE_SIZE, PAGE_SIZE)?;
-        self.kernel_pages(va.as_u64(), count, |_| 0, "qremove")
+        self.qremove_scoped(va, count, "qremove", false)
     }
 
     /// `qenter` for a mapping that only the current CPU will use (the caller is pinned to it:
     /// `map_io_transient` without `can_fault`). The entries must be invalid before; nothing is
     /// shot down.
     pub fn qenter_local(&self, va: VirtAddr, pages: &[PhysAddr]) -> Result<(), PmapError> {
+        self.qenter_scoped(va, pages, "qenter_local", true)
+    }
+
+    /// Undo [`PmapSystem::qenter_local`] on the CPU that made it: the entries are cleared (not
+    /// left valid in freed KVA, as FreeBSD's `pmap_unmap_io_transient` does) and invalidated on
+    /// this CPU only.
+    pub fn qremove_local(&self, va: VirtAddr, count: usize) -> Result<(), PmapError> {
+        self.qremove_scoped(va, count, "qremove_local", true)
+    }
+
+    fn qenter_scoped(
+        &self,
+        va: VirtAddr,
+        pages: &[PhysAddr],
+        what: &str,
+        local: bool,
+    ) -> Result<(), PmapError> {
         if pages.is_empty() {
             return Ok(());
         }
@@ -587,18 +586,21 @@ impl<P: Platform> PmapSystem<P> {
                 true,
             )?);
         }
-        self.kernel_pages_scoped(va.as_u64(), pages.len(), |i| vals[i], "qenter_local", true)
+        self.kernel_pages_scoped(va.as_u64(), pages.len(), |i| vals[i], what, local)
     }
 
-    /// Undo [`PmapSystem::qenter_local`] on the CPU that made it: the entries are cleared (not
-    /// left valid in freed KVA, as FreeBSD's `pmap_unmap_io_transient` does) and invalidated on
-    /// this CPU only.
-    pub fn qremove_local(&self, va: VirtAddr, count: usize) -> Result<(), PmapError> {
+    fn qremove_scoped(
+        &self,
+        va: VirtAddr,
+        count: usize,
+        what: &str,
+        local: bool,
+    ) -> Result<(), PmapError> {
         if count == 0 {
             return Ok(());
         }
         self.check_range(&self.kernel, va, count as u64 * PAGE_SIZE, PAGE_SIZE)?;
-        self.kernel_pages_scoped(va.as_u64(), count, |_| 0, "qremove_local", true)
+        self.kernel_pages_scoped(va.as_u64(), count, |_| 0, what, local)
     }
 
     fn kernel_pages(

@@ -98,6 +98,14 @@ impl AllocHash {
         }
         ok(i, segs)?;
         *work += 1;
+        self.unlink(segs, s, p, i, work);
+        Ok(i)
+    }
+
+    /// Unlink tag `i` of bucket `s`, whose predecessor in the chain is `p` (`NIL`: the head),
+    /// and shrink the table if it has become sparse.
+    #[inline(always)]
+    fn unlink(&mut self, segs: &mut Segs, s: usize, p: u32, i: u32, work: &mut u64) {
         let n = segs.t(i).lnext;
         if p == NIL {
             self.buckets[s] = n;
@@ -109,7 +117,6 @@ impl AllocHash {
         if self.buckets.len() > MIN_BUCKETS && self.count < self.buckets.len() / 16 {
             self.resize(segs, self.buckets.len() / 4, work);
         }
-        Ok(i)
     }
 
     /// Unlink allocated tag `i` (which must be in the table).
@@ -125,17 +132,7 @@ impl AllocHash {
             j = segs.t(j).lnext;
         }
         *work += 1;
-        let n = segs.t(i).lnext;
-        if p == NIL {
-            self.buckets[s] = n;
-        } else {
-            segs.tm(p).lnext = n;
-        }
-        segs.tm(i).lnext = NIL;
-        self.count -= 1;
-        if self.buckets.len() > MIN_BUCKETS && self.count < self.buckets.len() / 16 {
-            self.resize(segs, self.buckets.len() / 4, work);
-        }
+        self.unlink(segs, s, p, i, work);
     }
 
     fn resize(&mut self, segs: &mut Segs, n: usize, work: &mut u64) {
