@@ -458,6 +458,14 @@ impl Shared {
     }
 }
 
+/// The rights and flags of a managed user mapping: writable (and entered dirty) if `w`.
+fn user_mapping(w: bool, wired: bool) -> (Prot, EnterFlags) {
+    let mut fl = EnterFlags::MANAGED;
+    fl.set(EnterFlags::DIRTY, w);
+    fl.set(EnterFlags::WIRED, wired);
+    (if w { Prot::WRITE } else { Prot::empty() }, fl)
+}
+
 fn is_odd(x: u64) -> bool {
     x & 1 == 1
 }
@@ -1111,10 +1119,7 @@ impl CpuRun<'_, '_> {
         } else {
             (pg.frame, !pg.w, pg.wired)
         };
-        let mut fl = EnterFlags::MANAGED;
-        fl.set(EnterFlags::DIRTY, w);
-        fl.set(EnterFlags::WIRED, wired);
-        let prot = if w { Prot::WRITE } else { Prot::empty() };
+        let (prot, fl) = user_mapping(w, wired);
         self.begin(si, region);
         let r = self.sys().enter(
             &self.spaces[si].sh.pmap,
@@ -1168,37 +1173,60 @@ impl CpuRun<'_, '_> {
         };
         let w = self.rng.gen_ratio(4, 5);
         let wired = self.rng.gen_ratio(1, 4);
-        let mut fl = EnterFlags::MANAGED;
-        fl.set(EnterFlags::DIRTY, w);
-        fl.set(EnterFlags::WIRED, wired);
+        let (prot, fl) = user_mapping(w, wired);
         let lo = r * ppr;
         self.begin(si, r);
         let res = self.sys().enter(
             &self.spaces[si].sh.pmap,
             VirtAddr::new(self.s.geo.va(lo)),
             PhysAddr::new(b),
-            if w { Prot::WRITE } else { Prot::empty() },
+            prot,
             fl,
             1,
         );
-        match res {
-            Ok(()) => {
-                for j in 0..ppr {
-                    let f = b + j as u64 * PAGE;
-                    self.map_ref(f);
-                    self.spaces[si].pages[lo + j] = Pg { frame: f, w, wired };
-                }
-            }
-            Err(e) => {
-                for j in 0..ppr {
-                    self.drop_if_unmapped(b + j as u64 * PAGE);
-                }
-                self.err(|| format!("enter of a superpage: {e}"));
-            }
-        }
+        self.record_run(
+            si,
+            lo,
+            b,
+            ppr,
+            Pg { frame: 0, w, wired },
+            res,
+            "enter of a superpage",
+        );
         self.end(si, lo, lo + ppr);
         self.verify(si, lo, lo + ppr);
         true
+    }
+
+    /// Model the outcome of mapping `n` contiguous new frames from `pa` at pages `lo..lo + n`
+    /// of space `si` with `pg`'s rights: the pages map them if `res` is Ok; otherwise the
+    /// frames go back and the error is reported.
+    #[allow(clippy::too_many_arguments)]
+    fn record_run(
+        &mut self,
+        si: usize,
+        lo: usize,
+        pa: u64,
+        n: usize,
+        pg: Pg,
+        res: Result<(), PmapError>,
+        what: &str,
+    ) {
+        match res {
+            Ok(()) => {
+                for j in 0..n {
+                    let frame = pa + j as u64 * PAGE;
+                    self.map_ref(frame);
+                    self.spaces[si].pages[lo + j] = Pg { frame, ..pg };
+                }
+            }
+            Err(e) => {
+                for j in 0..n {
+                    self.drop_if_unmapped(pa + j as u64 * PAGE);
+                }
+                self.err(|| format!("{what}: {e}"));
+            }
+        }
     }
 
     fn enter_range(&mut self) -> bool {
@@ -1222,9 +1250,7 @@ impl CpuRun<'_, '_> {
         };
         let w = self.rng.gen_ratio(3, 4);
         let wired = self.rng.gen_ratio(1, 8);
-        let mut fl = EnterFlags::MANAGED;
-        fl.set(EnterFlags::DIRTY, w);
-        fl.set(EnterFlags::WIRED, wired);
+        let (prot, fl) = user_mapping(w, wired);
         let lo = base + k;
         let pa = b + k as u64 * PAGE;
         self.begin(si, r);
@@ -1233,24 +1259,11 @@ impl CpuRun<'_, '_> {
             VirtAddr::new(self.s.geo.va(lo)),
             PhysAddr::new(pa),
             n as u64 * PAGE,
-            if w { Prot::WRITE } else { Prot::empty() },
+            prot,
             fl,
         );
-        match res {
-            Ok(()) => {
-                for j in 0..n {
-                    let f = pa + j as u64 * PAGE;
-                    self.map_ref(f);
-                    self.spaces[si].pages[lo + j] = Pg { frame: f, w, wired };
-                }
-            }
-            Err(e) => {
-                for j in 0..n {
-                    self.drop_if_unmapped(pa + j as u64 * PAGE);
-                }
-                self.err(|| format!("enter_range of {n} pages: {e}"));
-            }
-        }
+        let what = format!("enter_range of {n} pages");
+        self.record_run(si, lo, pa, n, Pg { frame: 0, w, wired }, res, &what);
         self.end(si, lo, lo + n);
         self.verify(si, lo, lo + n);
         true
@@ -1272,28 +1285,21 @@ impl CpuRun<'_, '_> {
         self.begin(si, r);
         for j in 0..ppr {
             let f = b + j as u64 * PAGE;
+            let (prot, fl) = user_mapping(true, false);
             let res = self.sys().enter(
                 &pmap,
                 VirtAddr::new(self.s.geo.va(lo + j)),
                 PhysAddr::new(f),
-                Prot::WRITE,
-                EnterFlags::MANAGED | EnterFlags::DIRTY,
+                prot,
+                fl,
                 0,
             );
-            match res {
-                Ok(()) => {
-                    self.map_ref(f);
-                    self.spaces[si].pages[lo + j] = Pg {
-                        frame: f,
-                        w: true,
-                        wired: false,
-                    };
-                }
-                Err(e) => {
-                    self.drop_if_unmapped(f);
-                    self.err(|| format!("fill: enter: {e}"));
-                }
-            }
+            let pg = Pg {
+                frame: 0,
+                w: true,
+                wired: false,
+            };
+            self.record_run(si, lo + j, f, 1, pg, res, "fill: enter");
         }
         self.end(si, lo, lo + ppr);
         self.verify(si, lo, lo + ppr);
