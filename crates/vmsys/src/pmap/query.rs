@@ -45,13 +45,14 @@ impl<P: Platform> PmapSystem<P> {
         if g.entry_bytes == 8 {
             let load = |a: u64| plat.pt_load64(PhysAddr::new(a));
             match g.nlevels {
-                4 => walk::<4>(g, root, va, 8, load),
-                5 => walk::<5>(g, root, va, 8, load),
-                3 => walk::<3>(g, root, va, 8, load),
-                _ => walk_n(g, root, va, 8, load),
+                4 => walk(g, 4, root, va, 8, load),
+                5 => walk(g, 5, root, va, 8, load),
+                3 => walk(g, 3, root, va, 8, load),
+                n => walk(g, n, root, va, 8, load),
             }
         } else {
-            walk_n(g, root, va, 4, |a| plat.pt_load32(PhysAddr::new(a)) as u64)
+            let load = |a: u64| plat.pt_load32(PhysAddr::new(a)) as u64;
+            walk(g, g.nlevels, root, va, 4, load)
         }
     }
 
@@ -277,34 +278,19 @@ fn step(
     }
 }
 
-/// A walk of exactly `N` levels.
+/// A walk of `depth` levels. Inlined where it is called with a constant depth, so that the
+/// loop unrolls.
 #[inline(always)]
-fn walk<const N: usize>(
+fn walk(
     g: &Geometry,
+    depth: usize,
     mut table: u64,
     va: u64,
     eb: u64,
     load: impl Fn(u64) -> u64,
 ) -> Option<PhysAddr> {
-    debug_assert_eq!(g.nlevels, N);
-    for lvl in 0..N {
-        match step(g, lvl, table, va, eb, &load) {
-            Step::Table(t) => table = t,
-            Step::Done(r) => return r,
-        }
-    }
-    None
-}
-
-/// A walk of the format's depth, whatever it is.
-fn walk_n(
-    g: &Geometry,
-    mut table: u64,
-    va: u64,
-    eb: u64,
-    load: impl Fn(u64) -> u64,
-) -> Option<PhysAddr> {
-    for lvl in 0..g.nlevels {
+    debug_assert_eq!(g.nlevels, depth);
+    for lvl in 0..depth {
         match step(g, lvl, table, va, eb, &load) {
             Step::Table(t) => table = t,
             Step::Done(r) => return r,
