@@ -18,7 +18,6 @@ use vmsys_arch::{Entry, Prot};
 
 use crate::platform::{AccessKind, Fault, FaultReason, FaultResolution, Platform};
 
-use super::remove::Found;
 use super::table;
 use super::{Pmap, PmapStats, PmapSystem};
 
@@ -58,12 +57,9 @@ impl<P: Platform> PmapSystem<P> {
         // Under the lock: a change of this address space by another CPU is complete.
         let _st = table::lock(&pmap.state, &*self.plat);
         let g = &self.geom;
-        let (slot, level) = match self.cursor_at(&pmap, va) {
-            Found::Run { table, idx } => (g.slot(table, idx), g.last()),
-            Found::Super { level, slot, .. } => (slot, level),
-            Found::Hole { .. } => return FaultResolution::Deliver,
+        let Some((slot, raw, level)) = self.leaf_at(&pmap, va) else {
+            return FaultResolution::Deliver;
         };
-        let raw = self.tables().load(slot);
         let Entry::Leaf { prot, .. } = fmt.decode(raw, level) else {
             return FaultResolution::Deliver;
         };

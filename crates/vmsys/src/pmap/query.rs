@@ -59,36 +59,27 @@ impl<P: Platform> PmapSystem<P> {
     /// The whole mapping at `va`.
     pub fn mapping(&self, pmap: &Pmap, va: VirtAddr) -> Option<Mapping> {
         let g = &self.geom;
-        let t = self.tables();
         let v = va.as_u64();
-        let mut table = pmap.root.as_u64();
-        for lvl in 0..g.nlevels {
-            let raw = t.load(g.slot(table, g.index(v, lvl)));
-            if g.is_table(raw, lvl) {
-                table = g.table_pa(raw, lvl);
-                continue;
-            }
-            let Entry::Leaf {
-                pa,
-                size,
-                prot,
-                flags,
-                ..
-            } = g.fmt.decode(raw, lvl)
-            else {
-                return None;
-            };
-            return Some(Mapping {
-                pa: PhysAddr::new(pa | (v & (size - 1))),
-                size,
-                prot,
-                wired: flags.contains(PteFlags::WIRED_SW),
-                managed: flags.contains(PteFlags::MANAGED_SW),
-                accessed: flags.contains(PteFlags::ACCESSED),
-                dirty: g.dirty(raw),
-            });
-        }
-        None
+        let (_, raw, lvl) = self.leaf_at(pmap, v)?;
+        let Entry::Leaf {
+            pa,
+            size,
+            prot,
+            flags,
+            ..
+        } = g.fmt.decode(raw, lvl)
+        else {
+            return None;
+        };
+        Some(Mapping {
+            pa: PhysAddr::new(pa | (v & (size - 1))),
+            size,
+            prot,
+            wired: flags.contains(PteFlags::WIRED_SW),
+            managed: flags.contains(PteFlags::MANAGED_SW),
+            accessed: flags.contains(PteFlags::ACCESSED),
+            dirty: g.dirty(raw),
+        })
     }
 
     /// Apply `f` to the leaf of each mapping of `pa`, under its pmap's lock. `f` gets the

@@ -66,6 +66,18 @@ impl<P: Platform> PmapSystem<P> {
         unreachable!("the last level returns")
     }
 
+    /// The entry that maps `va` at leaf level, if a table reaches it: its slot, its value
+    /// (possibly 0: nothing mapped) and its level.
+    pub(crate) fn leaf_at(&self, pmap: &Pmap, va: u64) -> Option<(u64, u64, usize)> {
+        let g = &self.geom;
+        let (slot, level) = match self.cursor_at(pmap, va) {
+            Found::Run { table, idx } => (g.slot(table, idx), g.last()),
+            Found::Super { level, slot, .. } => (slot, level),
+            Found::Hole { .. } => return None,
+        };
+        Some((slot, self.tables().load(slot), level))
+    }
+
     /// Record what the frame's record must remember when a managed leaf goes away or loses
     /// write permission (FreeBSD's `vm_page_dirty` / `PGA_REFERENCED`).
     pub(crate) fn harvest(&self, raw: u64, pa: u64, size: u64) {
