@@ -15,6 +15,8 @@ use vmsys::{EnterFlags, FrameSource, PhysAddr, PmapConfig, VirtAddr};
 use vmsys_sim::system::System;
 use vmsys_sim::{DetectorMode, MachineConfig};
 
+use crate::timing::median;
+
 const WS: u64 = 512;
 const PAGE: u64 = 4096;
 
@@ -135,12 +137,10 @@ pub fn measure(quick: bool) -> Result<FlushBench, String> {
             r.push(rounds(&ranged, n, reps)?);
             f.push(rounds(&full, n, reps)?);
         }
-        r.sort_by(f64::total_cmp);
-        f.sort_by(f64::total_cmp);
         rows.push(FlushRow {
             pages: n,
-            ranged_ns: r[r.len() / 2],
-            full_ns: f[f.len() / 2],
+            ranged_ns: median(&r),
+            full_ns: median(&f),
         });
     }
     // The smallest count from which the full flush stays no slower at every larger count (a

@@ -3,13 +3,13 @@
 //! outside the direct map (pinned and can-fault), and a bounce copy, on a booted system
 //! (`vmsys_sim::system::System`), amd64 and i386 (which has no direct map).
 
-use std::time::Instant;
-
 use vmsys::arch::FormatId;
 use vmsys::kmem::KmemConfig;
 use vmsys::{FrameSource, PmapConfig};
 use vmsys_sim::system::System;
 use vmsys_sim::{DetectorMode, MachineConfig};
+
+use crate::timing::ns_per_iter;
 
 /// One measurement (no peer: nothing else implements this layer on the same machine).
 #[derive(Clone, Debug)]
@@ -26,22 +26,9 @@ pub struct KmemBench {
     pub promotion: Vec<(FormatId, u64, u64)>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Time `iters` calls of `f`, `samples` times; the median ns per call.
+/// Time `iters` calls of `f` (given the call's index), `samples` times; the median ns per call.
 fn time(iters: u64, samples: usize, mut f: impl FnMut(u64)) -> f64 {
-    let mut v = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let t = Instant::now();
-        for i in 0..iters {
-            f(i);
-        }
-        v.push(t.elapsed().as_nanos() as f64 / iters as f64);
-    }
-    median(v)
+    ns_per_iter(iters, samples, |n| (0..n).for_each(&mut f))
 }
 
 /// Run the benchmark (`quick`: a few iterations, for tests).

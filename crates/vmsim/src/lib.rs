@@ -25,6 +25,7 @@ pub mod plat;
 pub mod pmap_bench;
 pub mod report;
 pub mod run;
+pub mod timing;
 pub mod units;
 pub mod vmem_bench;
 pub mod workload;

@@ -103,13 +103,7 @@ impl Timing {
 
     /// The median sample (the mean of the middle two for an even count; 0 with none).
     pub fn median(&self) -> f64 {
-        let mut v = self.samples.clone();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
+        crate::timing::median(&self.samples)
     }
 
     pub fn min(&self) -> f64 {

@@ -14,10 +14,10 @@
 //! Wall-clock numbers live here only; the tests check that rows are produced, never their
 //! values (constant time is shown by counting work in vmsys's own tests).
 
+use crate::timing::ns_per_iter;
 use std::alloc::{alloc, dealloc, Layout};
 use std::hint::black_box;
 use std::ptr::NonNull;
-use std::time::Instant;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -71,20 +71,6 @@ fn peer_arena() -> Peer {
 
 fn our_arena() -> Arena {
     Arena::create("bench", SPAN.0, SPAN.1, PAGE).expect("arena")
-}
-
-/// Median over samples of the ns per iteration of `f(iters)`.
-fn time(iters: u64, samples: usize, mut f: impl FnMut(u64)) -> f64 {
-    f(iters); // warm-up
-    let mut v: Vec<f64> = (0..samples)
-        .map(|_| {
-            let t = Instant::now();
-            f(iters);
-            t.elapsed().as_nanos() as f64 / iters as f64
-        })
-        .collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn ours_pair(a: &Arena, cpu: usize, size: u64, iters: u64) {
@@ -155,14 +141,14 @@ fn ours_churn(live: usize, iters: u64, samples: usize) -> (f64, f64) {
         replace(k, &mut segs);
         k += 1;
     }
-    let pair = time(iters, samples, |n| {
+    let pair = ns_per_iter(iters, samples, |n| {
         for j in 0..n as usize {
             let s = sc.at(j).1;
             let x = a.alloc(s, Policy::InstantFit).unwrap();
             a.free(black_box(x), s).unwrap();
         }
     });
-    let churn = time(iters, samples, |n| {
+    let churn = ns_per_iter(iters, samples, |n| {
         for _ in 0..n {
             replace(k, &mut segs);
             k += 1;
@@ -190,14 +176,14 @@ fn peer_churn(live: usize, iters: u64, samples: usize) -> (f64, f64) {
         replace(k, &mut segs);
         k += 1;
     }
-    let pair = time(iters, samples, |n| {
+    let pair = ns_per_iter(iters, samples, |n| {
         for j in 0..n as usize {
             let s = sc.at(j).1 as usize;
             let x = p.alloc(s, vmem::AllocPolicy::InstantFit).unwrap();
             p.free(black_box(x)).unwrap();
         }
     });
-    let churn = time(iters, samples, |n| {
+    let churn = ns_per_iter(iters, samples, |n| {
         for _ in 0..n {
             replace(k, &mut segs);
             k += 1;
@@ -211,12 +197,12 @@ pub fn measure(quick: bool) -> Vec<VmemRow> {
     let (iters, samples) = if quick { (2_000, 3) } else { (1_000_000, 5) };
     let mut rows = Vec::new();
     let peer = peer_arena();
-    let peer_plain = time(iters / 10, samples, |n| peer_pair(&peer, n));
+    let peer_plain = ns_per_iter(iters / 10, samples, |n| peer_pair(&peer, n));
 
     let a = our_arena();
     rows.push(VmemRow {
         name: "alloc+free, empty arena (instant fit)".into(),
-        ours_ns: time(iters, samples, |n| ours_pair(&a, 0, PAGE, n)),
+        ours_ns: ns_per_iter(iters, samples, |n| ours_pair(&a, 0, PAGE, n)),
         peer: PEER,
         peer_ns: Some(peer_plain),
     });
@@ -235,7 +221,7 @@ pub fn measure(quick: bool) -> Vec<VmemRow> {
         let a = Arena::new(cfg).expect("arena");
         rows.push(VmemRow {
             name: format!("{name}; peer: no cache, plain pair"),
-            ours_ns: time(iters, samples, |n| ours_pair(&a, 0, 2 * PAGE, n)),
+            ours_ns: ns_per_iter(iters, samples, |n| ours_pair(&a, 0, 2 * PAGE, n)),
             peer: PEER,
             peer_ns: Some(peer_plain),
         });
