@@ -168,12 +168,13 @@ impl PhysMem {
                     self.size
                 )
             });
-        let c = slot.get_or_init(Chunk::new_zeroed);
-        let w = &self.words[(pa >> CHUNK_SHIFT) as usize];
-        if w.load(Ordering::Relaxed).is_null() {
-            w.store(c.words.as_ptr(), Ordering::Release);
-        }
-        c
+        slot.get_or_init(|| {
+            // Published once, when the chunk is made (its words are on the heap, so the
+            // pointer stays valid as the `Chunk` moves into the slot).
+            let c = Chunk::new_zeroed();
+            self.words[(pa >> CHUNK_SHIFT) as usize].store(c.words.as_ptr(), Ordering::Release);
+            c
+        })
     }
 
     #[inline]
