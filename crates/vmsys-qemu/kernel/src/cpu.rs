@@ -51,3 +51,99 @@ impl Drop for IrqGuard {
         }
     }
 }
+
+/// # Safety
+/// `msr` exists and `v` is a value the kernel means to put there.
+pub unsafe fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32,
+             options(nostack, preserves_flags));
+    }
+}
+
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reading an architectural MSR that exists on every x86-64 CPU we boot on.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (hi as u64) << 32 | lo as u64
+}
+
+pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+pub fn cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no effect.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+pub fn cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 has no effect.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// # Safety
+/// `v` names page tables that map the running code, its stack and data as before.
+pub unsafe fn write_cr3(v: u64) {
+    // SAFETY: the caller's contract. Not `nomem`: the translation of every access changes.
+    unsafe { asm!("mov cr3, {}", in(reg) v, options(nostack, preserves_flags)) }
+}
+
+pub fn cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no effect.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// # Safety
+/// `v` keeps long mode and paging as the kernel set them up.
+pub unsafe fn write_cr4(v: u64) {
+    // SAFETY: the caller's contract.
+    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) }
+}
+
+pub fn invlpg(va: u64) {
+    // SAFETY: dropping a TLB entry only makes the next access walk the tables.
+    unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) }
+}
+
+/// INVPCID of `kind` (0: address in one PCID, 1: one PCID, 2: all with globals, 3: all but
+/// globals). Only where CPUID says INVPCID exists.
+pub fn invpcid(kind: u64, pcid: u16, va: u64) {
+    let desc: [u64; 2] = [pcid as u64, va];
+    // SAFETY: invalidation only; the descriptor is on our stack. The caller checked CPUID.
+    unsafe { asm!("invpcid {}, [{}]", in(reg) kind, in(reg) desc.as_ptr(), options(nostack, preserves_flags)) }
+}
+
+pub fn enable_interrupts() {
+    // SAFETY: the IDT is loaded before any caller runs.
+    unsafe { asm!("sti", options(nomem, nostack)) }
+}
+
+pub fn disable_interrupts() {
+    // SAFETY: clearing IF only delays interrupts.
+    unsafe { asm!("cli", options(nomem, nostack)) }
+}
+
+/// Take pending interrupts here: `sti` takes effect after the next instruction, so the window
+/// is the `nop`; then interrupts are off again, as the kernel runs.
+pub fn interrupt_window() {
+    // SAFETY: the IDT and the handlers are installed before the first call.
+    unsafe { asm!("sti", "nop", "cli", options(nostack)) }
+}
+
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+pub fn rdtsc() -> u64 {
+    // SAFETY: reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
