@@ -163,7 +163,9 @@ pub fn build_kernel() -> Result<PathBuf, RunError> {
         .output()
         .map_err(|e| RunError::Io(format!("running cargo: {e}")))?;
     if !out.status.success() {
-        return Err(RunError::Build(String::from_utf8_lossy(&out.stderr).into_owned()));
+        return Err(RunError::Build(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
     Ok(target.join("x86_64-unknown-linux-gnu/release/vmsys-qemu-kernel"))
 }
@@ -207,13 +209,20 @@ impl Default for BootOptions {
 /// The QEMU command line for `kernel`.
 pub fn qemu_command(kernel: &Path, opts: &BootOptions) -> Command {
     let mut c = Command::new(QEMU);
-    c.args(["-machine", "q35", "-cpu", "max", "-accel", "tcg,thread=multi"])
-        .args(["-smp", &opts.cpus.to_string()])
-        .args(["-m", &format!("{}M", opts.mem_mib)])
-        .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .arg("-kernel")
-        .arg(kernel);
+    c.args([
+        "-machine",
+        "q35",
+        "-cpu",
+        "max",
+        "-accel",
+        "tcg,thread=multi",
+    ])
+    .args(["-smp", &opts.cpus.to_string()])
+    .args(["-m", &format!("{}M", opts.mem_mib)])
+    .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+    .arg("-kernel")
+    .arg(kernel);
     if !opts.cmdline.is_empty() {
         c.args(["-append", &opts.cmdline]);
     }
@@ -248,7 +257,9 @@ pub fn boot(kernel: &Path, opts: &BootOptions) -> Result<Report, RunError> {
                 let _ = o.write_all(&buf[..n]);
                 let _ = o.flush();
             }
-            sink.lock().expect("reader lock").extend_from_slice(&buf[..n]);
+            sink.lock()
+                .expect("reader lock")
+                .extend_from_slice(&buf[..n]);
         }
     });
     let mut stderr = child.stderr.take().expect("stderr is piped");
@@ -323,8 +334,20 @@ mod tests {
         };
         assert!(mk("TEST a ... ok\nSUITE 1 passed 0 failed\n", Ending::Success).passed());
         assert!(!mk("TEST a ... ok\n", Ending::Success).passed());
-        assert!(!mk("TEST a ... ok\nSUITE 1 passed 0 failed\n", Ending::TripleFault).passed());
-        assert!(!mk("TEST a ... ok\nTEST b ... ok\nSUITE 1 passed 0 failed\n", Ending::Success).passed());
-        assert!(!mk("TEST a ... FAIL: x\nSUITE 1 passed 0 failed\n", Ending::Success).passed());
+        assert!(!mk(
+            "TEST a ... ok\nSUITE 1 passed 0 failed\n",
+            Ending::TripleFault
+        )
+        .passed());
+        assert!(!mk(
+            "TEST a ... ok\nTEST b ... ok\nSUITE 1 passed 0 failed\n",
+            Ending::Success
+        )
+        .passed());
+        assert!(!mk(
+            "TEST a ... FAIL: x\nSUITE 1 passed 0 failed\n",
+            Ending::Success
+        )
+        .passed());
     }
 }

@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use vmsys_qemu::{boot, build_kernel, qemu_available, BootOptions, Ending, Report, INSTALL_HINT, QEMU};
+use vmsys_qemu::{
+    boot, build_kernel, qemu_available, BootOptions, Ending, Report, INSTALL_HINT, QEMU,
+};
 
 fn qemu_or_skip() -> bool {
     if qemu_available() {
@@ -50,8 +52,17 @@ fn pmap_conformance_suite_passes_on_qemus_mmu_with_four_cpus() {
     }
     let failed: Vec<_> = r.failures().collect();
     assert!(failed.is_empty(), "failing tests under QEMU: {failed:#?}");
-    assert_eq!(r.ending, Ending::Success, "the kernel did not exit with success");
-    assert!(r.passed(), "summary {:?} does not match the {} test lines", r.summary, r.tests.len());
+    assert_eq!(
+        r.ending,
+        Ending::Success,
+        "the kernel did not exit with success"
+    );
+    assert!(
+        r.passed(),
+        "summary {:?} does not match the {} test lines",
+        r.summary,
+        r.tests.len()
+    );
     assert!(
         r.tests.iter().any(|t| t.name.starts_with("cross_cpu")),
         "the cross-CPU tests did not run"
@@ -69,7 +80,11 @@ fn dropping_the_shootdown_ipis_makes_the_cross_cpu_tests_fail_on_qemu() {
         "the kernel must report, not crash: {:?}",
         r.ending
     );
-    assert_eq!(r.ending, Ending::Failure, "stale translations went unnoticed");
+    assert_eq!(
+        r.ending,
+        Ending::Failure,
+        "stale translations went unnoticed"
+    );
     let failed: Vec<_> = r.failures().map(|t| t.name.as_str()).collect();
     assert!(
         !failed.is_empty() && failed.iter().all(|n| n.starts_with("cross_cpu")),

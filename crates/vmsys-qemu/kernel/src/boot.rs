@@ -4,7 +4,8 @@
 //! The boot tables map, with 2 MiB pages: the first 4 GiB at 0 (the entry code and the AP
 //! trampoline run there), the same 4 GiB at the vmsys direct-map base (so that the platform's
 //! physical accesses work before and after the switch to vmsys's tables), and the first GiB at
-//! `KERNEL_VMA`, where the kernel is linked. None is global, so that the CR3 load into the vmsys
+//! `KERNEL_VMA`, where the kernel is linked. CR0.WP is set: without it supervisor writes ignore
+//! read-only entries, and the kernel's own accesses could not check write protection. None is global, so that the CR3 load into the vmsys
 //! kernel pmap drops them all.
 
 core::arch::global_asm!(
@@ -77,7 +78,7 @@ _start32:
     wrmsr
     movl %cr0, %eax
     andl $~((1 << 2) | (1 << 3)), %eax
-    orl $((1 << 31) | (1 << 1) | 1), %eax
+    orl $((1 << 31) | (1 << 16) | (1 << 1) | 1), %eax
     movl %eax, %cr0
     lgdt boot_gdt_ptr
     ljmp $0x08, $3f

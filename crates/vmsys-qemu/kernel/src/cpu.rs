@@ -4,18 +4,33 @@ use core::arch::asm;
 
 pub fn outb(port: u16, v: u8) {
     // SAFETY: port I/O has no memory effects; the ports used are QEMU's COM1 and debug-exit.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as `outb`.
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as `outb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
@@ -60,13 +75,6 @@ pub unsafe fn wrmsr(msr: u32, v: u64) {
         asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32,
              options(nostack, preserves_flags));
     }
-}
-
-pub fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: reading an architectural MSR that exists on every x86-64 CPU we boot on.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
-    (hi as u64) << 32 | lo as u64
 }
 
 pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
@@ -119,24 +127,18 @@ pub fn invlpg(va: u64) {
 pub fn invpcid(kind: u64, pcid: u16, va: u64) {
     let desc: [u64; 2] = [pcid as u64, va];
     // SAFETY: invalidation only; the descriptor is on our stack. The caller checked CPUID.
-    unsafe { asm!("invpcid {}, [{}]", in(reg) kind, in(reg) desc.as_ptr(), options(nostack, preserves_flags)) }
-}
-
-pub fn enable_interrupts() {
-    // SAFETY: the IDT is loaded before any caller runs.
-    unsafe { asm!("sti", options(nomem, nostack)) }
-}
-
-pub fn disable_interrupts() {
-    // SAFETY: clearing IF only delays interrupts.
-    unsafe { asm!("cli", options(nomem, nostack)) }
+    unsafe {
+        asm!("invpcid {}, [{}]", in(reg) kind, in(reg) desc.as_ptr(), options(nostack, preserves_flags))
+    }
 }
 
 /// Take pending interrupts here: `sti` takes effect after the next instruction, so the window
-/// is the `nop`; then interrupts are off again, as the kernel runs.
+/// is after the `nop`; then interrupts are off again, as the kernel runs. The jump matters
+/// under QEMU's TCG, which checks for interrupts only where a translation block begins: with
+/// `sti; nop; cli` in one block an IPI waited for milliseconds, until some other exit.
 pub fn interrupt_window() {
     // SAFETY: the IDT and the handlers are installed before the first call.
-    unsafe { asm!("sti", "nop", "cli", options(nostack)) }
+    unsafe { asm!("sti", "nop", "jmp 2f", "2:", "cli", options(nostack)) }
 }
 
 pub fn pause() {

@@ -13,9 +13,11 @@ static HANDLER: spin::Mutex<Option<FaultHandler>> = spin::Mutex::new(None);
 /// Page faults taken, per CPU.
 pub static FAULTS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// The last delivered fault of each CPU that a probe caught: va, error code.
-static LAST: [[AtomicU64; 2]; MAX_CPUS] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; MAX_CPUS];
+static LAST: [[AtomicU64; 2]; MAX_CPUS] =
+    [const { [AtomicU64::new(0), AtomicU64::new(0)] }; MAX_CPUS];
 /// Consecutive retries of the same address (a handler that keeps saying Retry is a bug).
-static RETRY: [[AtomicU64; 2]; MAX_CPUS] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; MAX_CPUS];
+static RETRY: [[AtomicU64; 2]; MAX_CPUS] =
+    [const { [AtomicU64::new(0), AtomicU64::new(0)] }; MAX_CPUS];
 
 pub fn set_handler(h: FaultHandler) {
     let _irq = crate::cpu::IrqGuard::new();
@@ -29,7 +31,6 @@ extern "C" {
     fn probe_touch_insn();
     fn probe_fixup();
     fn probe_read64(va: u64, out: *mut u64) -> u64;
-    fn probe_write64(va: u64, v: u64) -> u64;
     fn probe_copy(dst: u64, src: u64, n: u64) -> u64;
     fn probe_touch(va: u64) -> u64;
 }
@@ -70,12 +71,14 @@ probe_fixup:
 
 fn fixup_for(rip: u64) -> Option<u64> {
     let insns = [
-        probe_read64_insn as usize as u64,
-        probe_write64_insn as usize as u64,
-        probe_copy_insn as usize as u64,
-        probe_touch_insn as usize as u64,
+        probe_read64_insn as *const () as u64,
+        probe_write64_insn as *const () as u64,
+        probe_copy_insn as *const () as u64,
+        probe_touch_insn as *const () as u64,
     ];
-    insns.contains(&rip).then_some(probe_fixup as usize as u64)
+    insns
+        .contains(&rip)
+        .then_some(probe_fixup as *const () as u64)
 }
 
 /// Decode the error code into vmsys's terms. The hardware does not say at which level the
@@ -158,18 +161,6 @@ pub fn read64(va: u64) -> Result<u64, Fault> {
     // SAFETY: the access either completes or faults into the fixup; `v` is ours.
     match unsafe { probe_read64(va, &mut v) } {
         0 => Ok(v),
-        _ => Err(last_fault()),
-    }
-}
-
-/// Store 8 bytes at `va` through the MMU.
-///
-/// # Safety
-/// `va`, if mapped, is memory the caller may overwrite.
-pub unsafe fn write64(va: u64, v: u64) -> Result<(), Fault> {
-    // SAFETY: the caller's contract.
-    match unsafe { probe_write64(va, v) } {
-        0 => Ok(()),
         _ => Err(last_fault()),
     }
 }

@@ -30,7 +30,10 @@ static HANDLERS: spin::Mutex<[Option<IpiHandler>; 16]> = spin::Mutex::new([const
 pub static HANDLED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 pub fn set_handler(vector: u8, h: IpiHandler) {
-    assert!(vector >= crate::trap::IPI_FIRST, "IPI vector {vector:#x} has no stub");
+    assert!(
+        vector >= crate::trap::IPI_FIRST,
+        "IPI vector {vector:#x} has no stub"
+    );
     let _irq = crate::cpu::IrqGuard::new();
     HANDLERS.lock()[(vector - crate::trap::IPI_FIRST) as usize] = Some(h);
 }

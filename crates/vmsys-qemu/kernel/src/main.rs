@@ -27,7 +27,7 @@ mod trap;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmsys::arch::{CacheMode, Prot};
 use vmsys::page::PageArray;
@@ -88,9 +88,13 @@ extern "C" fn kernel_main(pvh_pa: u32) -> ! {
     cpu_features_enable();
     let feat = Features::probe();
     let bi = pvh::read(pvh_pa as u64).unwrap_or_else(|e| fail(e));
-    println!("vmsys-qemu: cmdline '{}', cpu features {feat:?}", bi.cmdline());
+    println!(
+        "vmsys-qemu: cmdline '{}', cpu features {feat:?}",
+        bi.cmdline()
+    );
 
-    let image_end = (core::ptr::addr_of!(__kernel_end) as u64 - KERNEL_VMA + (2 << 20) - 1) & !((2 << 20) - 1);
+    let image_end =
+        (core::ptr::addr_of!(__kernel_end) as u64 - KERNEL_VMA + (2 << 20) - 1) & !((2 << 20) - 1);
     let heap_end = image_end + HEAP_SIZE;
     heap::init((DMAP + image_end) as usize, (DMAP + heap_end) as usize);
     let mut segments = Vec::new();
@@ -98,7 +102,10 @@ extern "C" fn kernel_main(pvh_pa: u32) -> ! {
     for e in bi.map().iter().filter(|e| e.kind == 1) {
         let (s, end) = (e.addr.max(heap_end), e.addr + e.size);
         ram_end = ram_end.max(end);
-        let (s, end) = ((s + PAGE_SIZE - 1) & !(PAGE_SIZE - 1), end & !(PAGE_SIZE - 1));
+        let (s, end) = (
+            (s + PAGE_SIZE - 1) & !(PAGE_SIZE - 1),
+            end & !(PAGE_SIZE - 1),
+        );
         if end > s {
             segments.push(PhysSegment::new(s, end, 0));
         }
@@ -111,7 +118,13 @@ extern "C" fn kernel_main(pvh_pa: u32) -> ! {
     let ncpu = smp::start_aps(&ids[..n], my_apic);
     println!("vmsys-qemu: {ncpu} CPUs, RAM {:?}", segments);
 
-    let plat = Arc::new(QemuPlatform::new(ncpu, segments, ram_end, feat, PCID_ON.load(Ordering::SeqCst)));
+    let plat = Arc::new(QemuPlatform::new(
+        ncpu,
+        segments,
+        ram_end,
+        feat,
+        PCID_ON.load(Ordering::SeqCst),
+    ));
     let pages = Arc::new(PageArray::new(&plat.phys_segments_owned()));
     let buddy = Arc::new(BuddyAllocator::new(pages.clone()));
     let kernel_end_va = core::ptr::addr_of!(__kernel_end) as u64;
@@ -142,8 +155,12 @@ extern "C" fn kernel_main(pvh_pa: u32) -> ! {
         .unwrap_or_else(|e| fail(&alloc::format!("mapping the kernel image at {va:#x}: {e}")));
         va += PAGE_SIZE;
     }
-    sys.kenter(VirtAddr::new(lapic_va), PhysAddr::new(apic::PHYS), CacheMode::Uncacheable)
-        .unwrap_or_else(|e| fail(&alloc::format!("mapping the local APIC: {e}")));
+    sys.kenter(
+        VirtAddr::new(lapic_va),
+        PhysAddr::new(apic::PHYS),
+        CacheMode::Uncacheable,
+    )
+    .unwrap_or_else(|e| fail(&alloc::format!("mapping the local APIC: {e}")));
     apic::KVA.store(lapic_va, Ordering::Release);
     apic::enable();
     ipi::ONLINE[0].store(true, Ordering::SeqCst);
@@ -151,18 +168,24 @@ extern "C" fn kernel_main(pvh_pa: u32) -> ! {
     SYSTEM.call_once(|| (sys.clone(), buddy.clone()));
     smp::GO.store(true, Ordering::SeqCst);
     let t1 = cpu::rdtsc();
+    calibrate_tsc();
     // Wait until every AP runs on the kernel pmap.
     while (0..ncpu).any(|c| !ipi::ONLINE[c as usize].load(Ordering::SeqCst)) {
         cpu::interrupt_window();
     }
     println!(
-        "vmsys-qemu: vmsys up on {ncpu} CPUs (cr3 {:#x}, boot {} Mcycles), heap left {} KiB",
+        "vmsys-qemu: vmsys up on {ncpu} CPUs (cr3 {:#x}, {} us from entry; TSC {} MHz), heap left {} KiB",
         cpu::cr3(),
-        (t1 - t0) / 1_000_000,
+        tsc_ns(t1 - t0) / 1000,
+        TSC_PER_US.load(Ordering::SeqCst),
         heap::remaining() / 1024
     );
     let failed = suite::run(&sys, &buddy, bi.cmdline());
-    serial::exit(if failed == 0 { serial::EXIT_SUCCESS } else { serial::EXIT_FAILURE })
+    serial::exit(if failed == 0 {
+        serial::EXIT_SUCCESS
+    } else {
+        serial::EXIT_FAILURE
+    })
 }
 
 /// An AP after [`smp::GO`]: its local APIC, the kernel pmap, then the idle loop.
@@ -174,6 +197,27 @@ pub fn ap_main(id: u32) -> ! {
     let (sys, _) = SYSTEM.get().expect("GO is set after SYSTEM");
     sys.init_cpu();
     smp::idle(id)
+}
+
+static TSC_PER_US: AtomicU64 = AtomicU64::new(0);
+
+/// Calibrate the TSC against the ACPI PM timer (3.579545 MHz, port 0x608 on q35).
+fn calibrate_tsc() {
+    let pm = || cpu::inl(0x608) & 0xff_ffff;
+    let start = pm();
+    let t0 = cpu::rdtsc();
+    let mut ticks = 0;
+    while ticks < 35_795 {
+        ticks = (pm().wrapping_sub(start)) & 0xff_ffff;
+    }
+    let cycles = cpu::rdtsc() - t0;
+    // 35795 ticks = 10 ms.
+    TSC_PER_US.store((cycles / 10_000).max(1), Ordering::SeqCst);
+}
+
+/// TSC cycles as nanoseconds.
+pub fn tsc_ns(cycles: u64) -> u64 {
+    cycles * 1000 / TSC_PER_US.load(Ordering::SeqCst).max(1)
 }
 
 #[panic_handler]

@@ -6,8 +6,8 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use vmsys::arch::FormatId;
 use vmsys::platform::{
-    AccessKind, CpuId, CpuSet, Fault, FaultHandler, IpiHandler, IpiMessage, PhysSegment,
-    Platform, PlatformError, RootLoad, TagSel, TlbInval,
+    AccessKind, CpuId, CpuSet, Fault, FaultHandler, IpiHandler, IpiMessage, PhysSegment, Platform,
+    PlatformError, RootLoad, TagSel, TlbInval,
 };
 use vmsys::{PhysAddr, VirtAddr};
 
@@ -54,7 +54,13 @@ pub struct QemuPlatform {
 }
 
 impl QemuPlatform {
-    pub fn new(ncpu: u32, segments: Vec<PhysSegment>, phys_end: u64, features: Features, pcid_on: bool) -> Self {
+    pub fn new(
+        ncpu: u32,
+        segments: Vec<PhysSegment>,
+        phys_end: u64,
+        features: Features,
+        pcid_on: bool,
+    ) -> Self {
         QemuPlatform {
             ncpu,
             segments,
@@ -81,7 +87,9 @@ impl QemuPlatform {
         // A real check, not a debug one: an address past the direct map would fault in the
         // kernel (or reach MMIO), far from the caller that produced it.
         assert!(
-            pa.as_u64().checked_add(len).is_some_and(|e| e <= self.phys_end),
+            pa.as_u64()
+                .checked_add(len)
+                .is_some_and(|e| e <= self.phys_end),
             "physical address {pa} (+{len:#x}) beyond the direct map ({:#x})",
             self.phys_end
         );
@@ -293,7 +301,8 @@ impl Platform for QemuPlatform {
             return Err(PlatformError::BadCpu(c));
         }
         if self.omit_vector.load(Ordering::Relaxed) == msg.vector as u32 {
-            self.dropped_ipis.fetch_add(targets.len() as u64, Ordering::Relaxed);
+            self.dropped_ipis
+                .fetch_add(targets.len() as u64, Ordering::Relaxed);
             return Ok(());
         }
         let me = self.current_cpu();
@@ -312,7 +321,8 @@ impl Platform for QemuPlatform {
             crate::ipi::post(t, &msg);
             sent.insert(t);
         }
-        self.ipis_sent.fetch_add(sent.len() as u64, Ordering::Relaxed);
+        self.ipis_sent
+            .fetch_add(sent.len() as u64, Ordering::Relaxed);
         if wait {
             for t in sent.iter() {
                 while crate::ipi::pending(t) {

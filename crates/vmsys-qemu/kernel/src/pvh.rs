@@ -92,7 +92,11 @@ pub fn madt_apic_ids(rsdp: u64, out: &mut [u32]) -> Result<usize, &'static str> 
     let esz = if wide { 8 } else { 4 };
     let mut off = 36;
     while off + esz <= len as u64 {
-        let t = if wide { rd::<u64>(root + off) } else { rd::<u32>(root + off) as u64 };
+        let t = if wide {
+            rd::<u64>(root + off)
+        } else {
+            rd::<u32>(root + off) as u64
+        };
         off += esz;
         if rd::<[u8; 4]>(t) != *b"APIC" {
             continue;

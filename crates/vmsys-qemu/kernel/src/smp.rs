@@ -65,7 +65,7 @@ tramp_pm:
     wrmsr
     movl %cr0, %eax
     andl $~((1 << 2) | (1 << 3)), %eax
-    orl $((1 << 31) | (1 << 1) | 1), %eax
+    orl $((1 << 31) | (1 << 16) | (1 << 1) | 1), %eax
     movl %eax, %cr0
     ljmpl $0x08, $(0x8000 + tramp_lm - ap_tramp_start)
     .code64
@@ -140,7 +140,7 @@ pub fn start_aps(apic_ids: &[u32], my_apic: u32) -> u32 {
         unsafe {
             slot(0).write_volatile(cr3);
             slot(1).write_volatile(stack);
-            slot(2).write_volatile(ap_entry as usize as u64);
+            slot(2).write_volatile(ap_entry as *const () as u64);
         }
         let before = CHECKED_IN.load(Ordering::SeqCst);
         crate::apic::send(apic, 0x4500);
@@ -148,7 +148,9 @@ pub fn start_aps(apic_ids: &[u32], my_apic: u32) -> u32 {
         for _ in 0..2 {
             crate::apic::send(apic, 0x4600 | (TRAMPOLINE >> 12) as u32);
             let t = crate::cpu::rdtsc();
-            while CHECKED_IN.load(Ordering::SeqCst) == before && crate::cpu::rdtsc() - t < 2_000_000_000 {
+            while CHECKED_IN.load(Ordering::SeqCst) == before
+                && crate::cpu::rdtsc() - t < 2_000_000_000
+            {
                 crate::cpu::pause();
             }
             if CHECKED_IN.load(Ordering::SeqCst) != before {

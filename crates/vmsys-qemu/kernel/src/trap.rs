@@ -47,7 +47,9 @@ static IDT_READY: AtomicU32 = AtomicU32::new(0);
 pub fn cpu_id() -> u32 {
     let v: u32;
     // SAFETY: GS base points at this CPU's `PerCpu` from `init_cpu` on, whose first field is id.
-    unsafe { core::arch::asm!("mov {:e}, gs:[0]", out(reg) v, options(nostack, readonly, preserves_flags)) }
+    unsafe {
+        core::arch::asm!("mov {:e}, gs:[0]", out(reg) v, options(nostack, readonly, preserves_flags))
+    }
     v
 }
 
@@ -56,7 +58,9 @@ pub fn cpu_id() -> u32 {
 pub fn lapic_base() -> u64 {
     let v: u64;
     // SAFETY: as `cpu_id`; `lapic` is at offset 8.
-    unsafe { core::arch::asm!("mov {}, gs:[8]", out(reg) v, options(nostack, readonly, preserves_flags)) }
+    unsafe {
+        core::arch::asm!("mov {}, gs:[8]", out(reg) v, options(nostack, readonly, preserves_flags))
+    }
     v
 }
 
@@ -84,7 +88,11 @@ fn build_idt() {
             continue;
         }
         let ist: u64 = if v >= IPI_FIRST as usize { 2 } else { 1 };
-        let lo = (addr & 0xffff) | (0x08 << 16) | (ist << 32) | (0x8e << 40) | ((addr >> 16) & 0xffff) << 48;
+        let lo = (addr & 0xffff)
+            | (0x08 << 16)
+            | (ist << 32)
+            | (0x8e << 40)
+            | ((addr >> 16) & 0xffff) << 48;
         // SAFETY: built once by the BSP before any other CPU loads it.
         unsafe { (*core::ptr::addr_of_mut!(IDT))[v] = [lo, addr >> 32] };
     }
@@ -125,10 +133,22 @@ pub unsafe fn init_cpu(id: u32, apic_id: u32) {
     ];
     let gdtr: [u16; 5] = {
         let b = pc.gdt.as_ptr() as u64;
-        [(7 * 8 - 1) as u16, b as u16, (b >> 16) as u16, (b >> 32) as u16, (b >> 48) as u16]
+        [
+            (7 * 8 - 1) as u16,
+            b as u16,
+            (b >> 16) as u16,
+            (b >> 32) as u16,
+            (b >> 48) as u16,
+        ]
     };
     let idt = core::ptr::addr_of!(IDT) as u64;
-    let idtr: [u16; 5] = [4095, idt as u16, (idt >> 16) as u16, (idt >> 32) as u16, (idt >> 48) as u16];
+    let idtr: [u16; 5] = [
+        4095,
+        idt as u16,
+        (idt >> 16) as u16,
+        (idt >> 32) as u16,
+        (idt >> 48) as u16,
+    ];
     // SAFETY: the tables are static and stay; the selectors match the GDT just built.
     unsafe {
         core::arch::asm!(
