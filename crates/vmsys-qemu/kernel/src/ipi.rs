@@ -16,6 +16,8 @@ struct Slot {
     args: [AtomicU64; 4],
 }
 
+// Only an initializer for the array below (each element is a fresh copy).
+#[allow(clippy::declare_interior_mutable_const)]
 const SLOT: Slot = Slot {
     pending: AtomicBool::new(false),
     vector: AtomicU8::new(0),

@@ -81,9 +81,9 @@ extern "C" {
 }
 
 fn build_idt() {
-    for v in 0..256usize {
-        // SAFETY: isr_table is the stub addresses, written by the assembler.
-        let addr = unsafe { isr_table[v] };
+    // SAFETY: isr_table is the stub addresses, written by the assembler.
+    let table = unsafe { &*core::ptr::addr_of!(isr_table) };
+    for (v, &addr) in table.iter().enumerate() {
         if addr == 0 {
             continue;
         }
