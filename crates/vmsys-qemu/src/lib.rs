@@ -7,6 +7,8 @@
 //! `-no-reboot` makes QEMU exit with 0, and a hang is cut off by the timeout; both are reported
 //! as such, never as a pass.
 
+pub mod ad;
+
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -74,6 +76,8 @@ pub struct Report {
     /// Everything the kernel wrote to the serial port (and QEMU to stderr, after it).
     pub serial: String,
     pub tests: Vec<TestLine>,
+    /// The kernel's `AD <i> <seen>` lines (the A/D sequence on QEMU's MMU), in order.
+    pub ad_lines: Vec<String>,
     /// The kernel's `SUITE <passed> passed <failed> failed` line, if it got there.
     pub summary: Option<(u32, u32)>,
     /// Wall time from starting QEMU to its exit.
@@ -124,6 +128,15 @@ pub fn parse(serial: &str) -> (Vec<TestLine>, Option<(u32, u32)>) {
         }
     }
     (tests, summary)
+}
+
+/// The `AD` lines of the serial output, without the prefix and index.
+pub fn ad_lines(serial: &str) -> Vec<String> {
+    serial
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("AD "))
+        .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest.to_string()))
+        .collect()
 }
 
 /// The directory of the kernel crate.
@@ -296,10 +309,12 @@ pub fn boot(kernel: &Path, opts: &BootOptions) -> Result<Report, RunError> {
         Some(c) => Ending::Other(c),
     };
     let (tests, summary) = parse(&serial);
+    let ad_lines = ad_lines(&serial);
     Ok(Report {
         ending,
         serial,
         tests,
+        ad_lines,
         summary,
         wall,
     })
@@ -328,6 +343,7 @@ mod tests {
                 ending,
                 serial: serial.into(),
                 tests,
+                ad_lines: Vec::new(),
                 summary,
                 wall: Duration::ZERO,
             }

@@ -11,6 +11,8 @@
 
 extern crate alloc;
 
+#[path = "../../src/ad.rs"]
+mod ad;
 mod apic;
 mod boot;
 mod cpu;

@@ -596,6 +596,38 @@ fn shootdown_timing(c: &Ctx) -> R {
     Ok(())
 }
 
+struct RealMmu;
+
+impl crate::ad::Mmu for RealMmu {
+    fn read(&self, va: u64) -> bool {
+        read64(va).is_ok()
+    }
+    fn write(&self, va: u64) -> bool {
+        touch_write(va).is_ok()
+    }
+}
+
+/// The A/D sequence shared with the host test (`crates/vmsys-qemu/src/ad.rs`), printed as
+/// `AD <i> <seen>` lines that the host compares with the simulator's.
+fn accessed_dirty_sequence(c: &Ctx) -> R {
+    let sys = c.sys;
+    let p = sys.create().map_err(e("create"))?;
+    sys.activate(&p);
+    let pa = c.frames(0)?;
+    let mut i = 0;
+    let r = crate::ad::run(sys, &p, UVA + 7 * GB1, pa, &RealMmu, &mut |s| {
+        crate::println!("AD {i} {s}");
+        i += 1;
+    })
+    .map_err(e("sequence"));
+    sys.activate(sys.kernel_pmap());
+    sys.remove(&p, VirtAddr::new(UVA + 7 * GB1), VirtAddr::new(UVA + 7 * GB1 + PAGE_SIZE))
+        .map_err(e("remove"))?;
+    sys.destroy(p).map_err(e("destroy"))?;
+    c.free(pa, 0);
+    r
+}
+
 pub fn run(sys: &Arc<Sys>, buddy: &Arc<BuddyAllocator>, cmdline: &str) -> u32 {
     let omit = cmdline.split_whitespace().any(|w| w == "omit-shootdown");
     if omit {
@@ -633,6 +665,7 @@ pub fn run(sys: &Arc<Sys>, buddy: &Arc<BuddyAllocator>, cmdline: &str) -> u32 {
     );
     c.test("qenter_qremove_and_quick_maps", qenter_and_quick_maps);
     c.test("copy_into_a_child", copy_to_child);
+    c.test("accessed_dirty_sequence", accessed_dirty_sequence);
     c.test("cross_cpu_remove_seen_by_every_reader", |c| {
         cross_cpu(c, false)
     });
