@@ -621,8 +621,12 @@ fn accessed_dirty_sequence(c: &Ctx) -> R {
     })
     .map_err(e("sequence"));
     sys.activate(sys.kernel_pmap());
-    sys.remove(&p, VirtAddr::new(UVA + 7 * GB1), VirtAddr::new(UVA + 7 * GB1 + PAGE_SIZE))
-        .map_err(e("remove"))?;
+    sys.remove(
+        &p,
+        VirtAddr::new(UVA + 7 * GB1),
+        VirtAddr::new(UVA + 7 * GB1 + PAGE_SIZE),
+    )
+    .map_err(e("remove"))?;
     sys.destroy(p).map_err(e("destroy"))?;
     c.free(pa, 0);
     r
