@@ -133,12 +133,20 @@ pub fn invpcid(kind: u64, pcid: u16, va: u64) {
 }
 
 /// Take pending interrupts here: `sti` takes effect after the next instruction, so the window
-/// is after the `nop`; then interrupts are off again, as the kernel runs. The jump matters
-/// under QEMU's TCG, which checks for interrupts only where a translation block begins: with
-/// `sti; nop; cli` in one block an IPI waited for milliseconds, until some other exit.
+/// is after the `nop`; then interrupts are off again, as the kernel runs. The `pause` matters
+/// under QEMU's TCG, which looks at pending interrupts only when it returns to its main loop
+/// (not between chained translation blocks); its PAUSE helper returns there, with IF set.
+/// With `sti; nop; cli` (or a jump in between) an IPI to a busy CPU waited 10-40 ms.
 pub fn interrupt_window() {
     // SAFETY: the IDT and the handlers are installed before the first call.
-    unsafe { asm!("sti", "nop", "jmp 2f", "2:", "cli", options(nostack)) }
+    unsafe { asm!("sti", "nop", "pause", "cli", options(nostack)) }
+}
+
+/// Wait for an interrupt with interrupts enabled just for the `hlt` (the `sti` shadow covers
+/// it, so a pending interrupt wakes it rather than being taken before it), then off again.
+pub fn halt_window() {
+    // SAFETY: as `interrupt_window`.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack)) }
 }
 
 pub fn pause() {

@@ -209,12 +209,12 @@ fn calibrate_tsc() {
     let start = pm();
     let t0 = cpu::rdtsc();
     let mut ticks = 0;
-    while ticks < 35_795 {
+    while ticks < 178_977 {
         ticks = (pm().wrapping_sub(start)) & 0xff_ffff;
     }
     let cycles = cpu::rdtsc() - t0;
-    // 35795 ticks = 10 ms.
-    TSC_PER_US.store((cycles / 10_000).max(1), Ordering::SeqCst);
+    // 178977 ticks = 50 ms.
+    TSC_PER_US.store((cycles / 50_000).max(1), Ordering::SeqCst);
 }
 
 /// TSC cycles as nanoseconds.

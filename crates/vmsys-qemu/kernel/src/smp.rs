@@ -21,6 +21,9 @@ static CHECKED_IN: AtomicU32 = AtomicU32::new(0);
 /// Set by the BSP once vmsys is up: APs then load the kernel pmap.
 pub static GO: AtomicBool = AtomicBool::new(false);
 
+/// The vector that only wakes a halted CPU.
+pub const WAKE_VECTOR: u8 = 0xf0;
+
 type Job = Box<dyn FnOnce() + Send>;
 static WORK: [spin::Mutex<Option<Job>>; MAX_CPUS] = [const { spin::Mutex::new(None) }; MAX_CPUS];
 static DONE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
@@ -178,10 +181,11 @@ extern "C" fn ap_entry() -> ! {
     crate::ap_main(id)
 }
 
-/// The AP's loop: take interrupts, run posted work.
+/// The AP's loop: run posted work, else halt until an interrupt (a shootdown, or the wake-up
+/// IPI of [`spawn`]). Halting, not spinning: under TCG every spinning vCPU is a host thread
+/// competing for the host's cores, which slows every IPI round trip.
 pub fn idle(id: u32) -> ! {
     loop {
-        crate::cpu::interrupt_window();
         let job = {
             let _irq = crate::cpu::IrqGuard::new();
             WORK[id as usize].lock().take()
@@ -190,7 +194,8 @@ pub fn idle(id: u32) -> ! {
             j();
             DONE[id as usize].fetch_add(1, Ordering::SeqCst);
         } else {
-            crate::cpu::pause();
+            // `sti; hlt`: an interrupt that arrived while IF was 0 wakes the hlt at once.
+            crate::cpu::halt_window();
         }
     }
 }
@@ -205,6 +210,9 @@ pub fn spawn(cpu: u32, f: impl FnOnce() + Send + 'static) -> (u32, u64) {
             let mut w = WORK[cpu as usize].lock();
             if w.is_none() {
                 *w = Some(Box::new(f));
+                drop(w);
+                // Wake it (an IPI with no message: the handler finds no pending slot).
+                crate::apic::send_fixed(crate::trap::apic_id_of(cpu), WAKE_VECTOR);
                 return (cpu, t);
             }
         }

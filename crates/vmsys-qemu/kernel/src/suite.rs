@@ -557,7 +557,7 @@ fn shootdown_timing(c: &Ctx) -> R {
     sys.activate(&p);
     let before = sys.stats().shootdowns;
     let mut cycles = 0;
-    const N: u64 = 200;
+    const N: u64 = 50;
     let r = readers_during(c, &p, va, u64::MAX, || {
         let t = crate::cpu::rdtsc();
         for i in 0..N {
@@ -585,7 +585,7 @@ fn shootdown_timing(c: &Ctx) -> R {
     let shots = sys.stats().shootdowns - before;
     let ns = crate::tsc_ns(cycles);
     crate::println!(
-        "TIMING shootdown: {N} replacements, {shots} shootdowns to {} CPUs, {} ns per replacement ({} cycles)",
+        "TIMING shootdown to {} CPUs reading the page: {N} replacements, {shots} shootdowns, {} ns per replacement ({} cycles)",
         sys.platform().cpu_count() - 1,
         ns / N,
         cycles / N
@@ -630,6 +630,63 @@ fn accessed_dirty_sequence(c: &Ctx) -> R {
     sys.destroy(p).map_err(e("destroy"))?;
     c.free(pa, 0);
     r
+}
+
+/// The same replacements with the other CPUs idle (halted) with the pmap loaded: the IPI
+/// round trip of a kernel whose other CPUs are not busy.
+fn shootdown_timing_idle_targets(c: &Ctx) -> R {
+    let sys = c.sys;
+    let n = sys.platform().cpu_count();
+    let p = sys.create().map_err(e("create"))?;
+    let a = c.frames(0)?;
+    let b = c.frames(0)?;
+    let va = UVA + 8 * GB1;
+    sys.activate(&p);
+    for cpu in 1..n {
+        let (s, q) = (sys.clone(), p.clone());
+        crate::smp::wait(crate::smp::spawn(cpu, move || s.activate(&q)));
+    }
+    let before = sys.stats().shootdowns;
+    const N: u64 = 1000;
+    let t = crate::cpu::rdtsc();
+    let mut r = Ok(());
+    for i in 0..N {
+        let pa = if i % 2 == 0 { a } else { b };
+        if let Err(err) = sys.enter(
+            &p,
+            VirtAddr::new(va),
+            pa,
+            Prot::WRITE,
+            EnterFlags::MANAGED,
+            0,
+        ) {
+            r = Err(format!("enter: {err}"));
+            break;
+        }
+    }
+    let cycles = crate::cpu::rdtsc() - t;
+    let shots = sys.stats().shootdowns - before;
+    for cpu in 1..n {
+        let s = sys.clone();
+        crate::smp::wait(crate::smp::spawn(cpu, move || s.activate(s.kernel_pmap())));
+    }
+    sys.activate(sys.kernel_pmap());
+    sys.remove(&p, VirtAddr::new(va), VirtAddr::new(va + PAGE_SIZE))
+        .map_err(e("remove"))?;
+    sys.destroy(p).map_err(e("destroy"))?;
+    c.free(a, 0);
+    c.free(b, 0);
+    r?;
+    crate::println!(
+        "TIMING shootdown to {} idle CPUs: {N} replacements, {shots} shootdowns, {} ns per replacement ({} cycles)",
+        n - 1,
+        crate::tsc_ns(cycles) / N,
+        cycles / N
+    );
+    if shots < N - 1 {
+        return Err(format!("only {shots} shootdowns for {N} replacements"));
+    }
+    Ok(())
 }
 
 pub fn run(sys: &Arc<Sys>, buddy: &Arc<BuddyAllocator>, cmdline: &str) -> u32 {
@@ -677,7 +734,11 @@ pub fn run(sys: &Arc<Sys>, buddy: &Arc<BuddyAllocator>, cmdline: &str) -> u32 {
         cross_cpu(c, true)
     });
     if !omit {
-        c.test("shootdown_timing", shootdown_timing);
+        c.test("shootdown_timing_busy_readers", shootdown_timing);
+        c.test(
+            "shootdown_timing_idle_targets",
+            shootdown_timing_idle_targets,
+        );
     }
     crate::println!("SUITE {} passed {} failed", c.passed, c.failed);
     c.failed
