@@ -10,7 +10,9 @@
 //! on a per-domain LRU queue (least recently changed first), from which they are broken under
 //! memory pressure: the unpopulated frames go back to the buddy allocator one by one, the
 //! populated ones stay allocated as ordinary frames. A reservation whose last page is freed
-//! returns its whole block.
+//! returns its whole block. The unpopulated frames of existing reservations are out of the buddy
+//! but handed to no one: [`ReservSystem::unpopulated_frames`] counts them for frame accounting.
+//! A free refuses a frame still in use as the buddy's does.
 //!
 //! Locking: one spin lock for all reservations (the maps, bitmaps, LRU queues and counters, and
 //! the owner and superpage-index fields of the records of reserved frames). It is taken before
@@ -379,6 +381,10 @@ impl ReservSystem {
         if !rv.is_set(i) {
             return Err(ReservError::Phys(PhysError::DoubleFree(pa)));
         }
+        // As the buddy's free checks the frames it takes back: in every build, before anything
+        // changes.
+        self.page(pfn).check_freeable(pa)?;
+        let rv = st.by_base.get_mut(&base).expect("checked");
         let was_full = rv.popcnt == n as u32;
         rv.popmap[i / 64] &= !(1 << (i % 64));
         rv.popcnt -= 1;
@@ -467,6 +473,15 @@ impl ReservSystem {
             .get(domain)
             .map(|q| q.values().map(|&b| Self::pa(b)).collect())
             .unwrap_or_default()
+    }
+
+    /// Frames the reservations hold from the buddy allocator without having handed them out:
+    /// the unpopulated frames of every partially populated reservation. A frame accounting
+    /// (frames the buddy has out = frames the holders account for) must count them as held.
+    pub fn unpopulated_frames(&self) -> u64 {
+        let n = self.npages();
+        let st = self.state.lock();
+        st.by_base.values().map(|rv| n - rv.popcnt as u64).sum()
     }
 
     /// The counters.
