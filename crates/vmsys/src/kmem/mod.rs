@@ -286,10 +286,12 @@ impl<P: Platform + 'static> Kmem<P> {
         let (kva_start, quick_base) = sys.kva_range();
         // Nothing promotable may share a superpage region with the quick-map slots.
         let limit = quick_base.as_u64() & !(sp - 1);
-        let start = sys.kernel_end().as_u64().next_multiple_of(sp);
-        if start >= limit {
-            return Err(KmemError::NoKva(VmemError::Exhausted { size: sp }));
-        }
+        let start = sys
+            .kernel_end()
+            .as_u64()
+            .checked_next_multiple_of(sp)
+            .filter(|&s| s < limit)
+            .ok_or(KmemError::NoKva(VmemError::Exhausted { size: sp }))?;
         let grower = Arc::new(KvaGrower {
             sys: sys.clone(),
             next: spin::Mutex::new(start),

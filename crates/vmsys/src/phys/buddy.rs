@@ -401,7 +401,9 @@ impl BuddyAllocator {
             DomainPolicy::Prefer => n,
             DomainPolicy::Strict => usize::from(domain < n),
         };
-        (0..tries).map(move |i| (domain + i) % n.max(1))
+        // Reduced first: `domain + i` of a caller's domain near usize::MAX would overflow.
+        let first = domain % n.max(1);
+        (0..tries).map(move |i| (first + i) % n.max(1))
     }
 
     /// Why the frames `[idx, idx + n)` cannot be freed now, if one cannot (see
