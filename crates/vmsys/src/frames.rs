@@ -17,6 +17,8 @@ pub enum FrameError {
     NotOurs(PhysAddr),
     /// The frame is already free.
     DoubleFree(PhysAddr),
+    /// The frame is still in use (busied, wired, a page-table page, or mapped): not freed.
+    InUse(PhysAddr),
 }
 
 impl fmt::Display for FrameError {
@@ -24,6 +26,7 @@ impl fmt::Display for FrameError {
         match self {
             FrameError::NotOurs(pa) => write!(f, "frame {pa} does not belong to this source"),
             FrameError::DoubleFree(pa) => write!(f, "frame {pa} freed twice"),
+            FrameError::InUse(pa) => write!(f, "frame {pa} is still in use: not freed"),
         }
     }
 }

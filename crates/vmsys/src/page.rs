@@ -78,22 +78,42 @@ pub const BLOCKS_PER_PAGE: u32 = (PAGE_SIZE >> BLOCK_SHIFT) as u32;
 /// Every block of a page.
 pub const ALL_BLOCKS: u8 = ((1u32 << BLOCKS_PER_PAGE) - 1) as u8;
 
+/// A byte range of a page that the valid and dirty bitmaps cannot take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockRangeError {
+    /// `[off, off + len)` does not lie inside the page (or `off + len` overflows).
+    OutsidePage { off: u64, len: u64 },
+    /// Dirtying blocks that are not valid (a dirty block must be valid): `invalid` are they.
+    NotValid { off: u64, len: u64, invalid: u8 },
+}
+
+impl fmt::Display for BlockRangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            BlockRangeError::OutsidePage { off, len } => {
+                write!(f, "byte range {off:#x}+{len:#x} is not inside a page")
+            }
+            BlockRangeError::NotValid { off, len, invalid } => write!(
+                f,
+                "dirtying {off:#x}+{len:#x}: blocks {invalid:#010b} are not valid"
+            ),
+        }
+    }
+}
+
 /// The bitmap of the 512-byte blocks that the byte range `[off, off + len)` of a page touches
-/// (FreeBSD's `vm_page_bits`). An empty range touches none.
-///
-/// # Panics
-/// If the range does not lie inside the page.
-pub fn block_bits(off: u64, len: u64) -> u8 {
-    assert!(
-        off.checked_add(len).is_some_and(|e| e <= PAGE_SIZE),
-        "byte range {off:#x}+{len:#x} is not inside a page"
-    );
+/// (FreeBSD's `vm_page_bits`). An empty range touches none; a range that leaves the page is
+/// an error (in every build).
+pub fn block_bits(off: u64, len: u64) -> Result<u8, BlockRangeError> {
+    if off.checked_add(len).is_none_or(|e| e > PAGE_SIZE) {
+        return Err(BlockRangeError::OutsidePage { off, len });
+    }
     if len == 0 {
-        return 0;
+        return Ok(0);
     }
     let first = (off >> BLOCK_SHIFT) as u32;
     let last = ((off + len - 1) >> BLOCK_SHIFT) as u32;
-    (((1u32 << (last + 1)) - 1) & !((1u32 << first) - 1)) as u8
+    Ok((((1u32 << (last + 1)) - 1) & !((1u32 << first) - 1)) as u8)
 }
 
 /// The busy lock word: exclusive bit, or a count of shared holders.
@@ -385,19 +405,22 @@ impl PageMeta {
         self.valid.load(Ordering::Acquire)
     }
     /// Mark the blocks that `[off, off + len)` touches valid.
-    pub fn set_valid_range(&self, off: u64, len: u64) {
-        self.valid.fetch_or(block_bits(off, len), Ordering::Release);
+    pub fn set_valid_range(&self, off: u64, len: u64) -> Result<(), BlockRangeError> {
+        self.valid
+            .fetch_or(block_bits(off, len)?, Ordering::Release);
+        Ok(())
     }
     /// Mark the blocks that `[off, off + len)` touches invalid (and therefore clean).
-    pub fn clear_valid_range(&self, off: u64, len: u64) {
-        let b = block_bits(off, len);
+    pub fn clear_valid_range(&self, off: u64, len: u64) -> Result<(), BlockRangeError> {
+        let b = block_bits(off, len)?;
         self.dirty.fetch_and(!b, Ordering::Relaxed);
         self.valid.fetch_and(!b, Ordering::Release);
+        Ok(())
     }
     /// Whether every block that `[off, off + len)` touches is valid.
-    pub fn is_valid_range(&self, off: u64, len: u64) -> bool {
-        let b = block_bits(off, len);
-        self.valid_bits() & b == b
+    pub fn is_valid_range(&self, off: u64, len: u64) -> Result<bool, BlockRangeError> {
+        let b = block_bits(off, len)?;
+        Ok(self.valid_bits() & b == b)
     }
     /// Whether the whole page is valid.
     pub fn is_fully_valid(&self) -> bool {
@@ -412,23 +435,22 @@ impl PageMeta {
     pub fn dirty_bits(&self) -> u8 {
         self.dirty.load(Ordering::Acquire)
     }
-    /// Mark the blocks that `[off, off + len)` touches dirty.
-    ///
-    /// # Panics
-    /// In debug builds, if one of them is not valid (a dirty block must be valid).
-    pub fn set_dirty_range(&self, off: u64, len: u64) {
-        let b = block_bits(off, len);
-        debug_assert_eq!(
-            self.valid_bits() & b,
-            b,
-            "dirtying blocks that are not valid"
-        );
+    /// Mark the blocks that `[off, off + len)` touches dirty. Dirtying a block that is not
+    /// valid is an error in every build, and marks nothing (a dirty block must be valid).
+    pub fn set_dirty_range(&self, off: u64, len: u64) -> Result<(), BlockRangeError> {
+        let b = block_bits(off, len)?;
+        let invalid = b & !self.valid_bits();
+        if invalid != 0 {
+            return Err(BlockRangeError::NotValid { off, len, invalid });
+        }
         self.dirty.fetch_or(b, Ordering::Release);
+        Ok(())
     }
     /// Mark the blocks that `[off, off + len)` touches clean.
-    pub fn clear_dirty_range(&self, off: u64, len: u64) {
+    pub fn clear_dirty_range(&self, off: u64, len: u64) -> Result<(), BlockRangeError> {
         self.dirty
-            .fetch_and(!block_bits(off, len), Ordering::Release);
+            .fetch_and(!block_bits(off, len)?, Ordering::Release);
+        Ok(())
     }
     /// Whether the whole page is dirty.
     pub fn is_fully_dirty(&self) -> bool {
@@ -451,8 +473,37 @@ impl PageMeta {
         self.psind.store(p, Ordering::Relaxed);
     }
 
-    /// Clear the per-owner state of a frame being freed: owner, valid, dirty, superpage index.
-    /// Busy and wire state must already be clear.
+    /// Why the frame cannot go back to the free lists now, if it cannot: it is busied (shared
+    /// or exclusive), wired, a page-table page (user or saved) or PV chunk of the pmap, or still
+    /// has PV entries (a managed mapping). Checked in every build by every free path of the
+    /// physical-memory layer, before it changes anything. Unmanaged mappings (`kenter`,
+    /// `qenter`) leave no trace in the record and cannot be seen here. A PV list that another
+    /// CPU is changing at this moment is taken as mapped (a frame being freed has no mapping
+    /// for anyone to change); the lock is only tried, so that the check never waits.
+    pub(crate) fn check_freeable(&self, pa: PhysAddr) -> Result<(), crate::phys::PhysError> {
+        use crate::phys::PhysError;
+        let busy = self.busy.load(Ordering::Relaxed);
+        if busy != 0 {
+            return Err(PhysError::Busy(pa));
+        }
+        let wired = self.wire_count();
+        if wired != 0 {
+            return Err(PhysError::Wired { pa, count: wired });
+        }
+        let f = self.flags() & (page_flags::PTP | page_flags::SAVED_PTP | page_flags::PV_CHUNK);
+        if f != 0 {
+            return Err(PhysError::PmapPage { pa, flags: f });
+        }
+        match self.pv.try_lock() {
+            Some(l) if l.is_empty() => Ok(()),
+            _ => Err(PhysError::Mapped(pa)),
+        }
+    }
+
+    /// Clear the per-owner state of a frame being freed: owner, valid, dirty, superpage index,
+    /// and the pmap's records about its contents (modified, referenced; the kernel page-table
+    /// mark, which the pmap leaves on a saved kernel table it frees). The caller has checked
+    /// [`check_freeable`](Self::check_freeable).
     pub(crate) fn reset_owner_state(&self) {
         debug_assert_eq!(self.busy.load(Ordering::Relaxed), 0, "freeing a busy page");
         debug_assert_eq!(self.wire_count(), 0, "freeing a wired page");
@@ -460,6 +511,7 @@ impl PageMeta {
         self.valid.store(0, Ordering::Relaxed);
         self.dirty.store(0, Ordering::Relaxed);
         self.psind.store(0, Ordering::Relaxed);
+        self.clear_flags(page_flags::MODIFIED | page_flags::REFERENCED | page_flags::KERNEL_PTP);
     }
 }
 
@@ -711,33 +763,72 @@ mod tests {
 
     #[test]
     fn valid_and_dirty_blocks() {
-        assert_eq!(block_bits(0, 0), 0);
-        assert_eq!(block_bits(0, 1), 0b1);
-        assert_eq!(block_bits(511, 2), 0b11);
-        assert_eq!(block_bits(512, 1024), 0b110);
-        assert_eq!(block_bits(0, PAGE_SIZE), ALL_BLOCKS);
+        assert_eq!(block_bits(0, 0), Ok(0));
+        assert_eq!(block_bits(0, 1), Ok(0b1));
+        assert_eq!(block_bits(511, 2), Ok(0b11));
+        assert_eq!(block_bits(512, 1024), Ok(0b110));
+        assert_eq!(block_bits(0, PAGE_SIZE), Ok(ALL_BLOCKS));
         let pa = PageArray::new(&[PhysSegment::new(0, 0x1000, 0)]);
         let m = pa.page(0);
-        m.set_valid_range(0, 1000);
+        m.set_valid_range(0, 1000).unwrap();
         assert_eq!(m.valid_bits(), 0b11);
         assert!(m.is_partially_valid() && !m.is_fully_valid());
-        assert!(m.is_valid_range(100, 900) && !m.is_valid_range(0, 1025));
-        m.set_dirty_range(512, 10);
+        assert_eq!(m.is_valid_range(100, 900), Ok(true));
+        assert_eq!(m.is_valid_range(0, 1025), Ok(false));
+        m.set_dirty_range(512, 10).unwrap();
         assert_eq!(m.dirty_bits(), 0b10);
-        m.set_valid_range(1024, PAGE_SIZE - 1024);
+        m.set_valid_range(1024, PAGE_SIZE - 1024).unwrap();
         assert!(m.is_fully_valid());
-        m.clear_valid_range(0, 1024);
+        m.clear_valid_range(0, 1024).unwrap();
         assert_eq!(m.valid_bits(), ALL_BLOCKS & !0b11);
         assert!(!m.is_dirty(), "invalidated blocks are clean");
-        m.set_dirty_range(1024, PAGE_SIZE - 1024);
-        m.clear_dirty_range(4000, 10);
+        m.set_dirty_range(1024, PAGE_SIZE - 1024).unwrap();
+        m.clear_dirty_range(4000, 10).unwrap();
         assert_eq!(m.dirty_bits(), 0b0111_1100);
     }
 
+    /// PHYS-9: a range that leaves the page, including one whose end wraps past 2^64, is an
+    /// error for every bitmap operation, and changes no bit.
     #[test]
-    #[should_panic(expected = "not inside a page")]
-    fn block_range_beyond_the_page_panics() {
-        block_bits(4000, 100);
+    fn block_ranges_beyond_the_page_are_errors_that_change_nothing() {
+        let pa = PageArray::new(&[PhysSegment::new(0, 0x1000, 0)]);
+        let m = pa.page(0);
+        m.set_valid_range(0, 512).unwrap();
+        for (off, len) in [
+            (4000, 100),
+            (0, PAGE_SIZE + 1),
+            (PAGE_SIZE, 1),
+            (1, u64::MAX),
+        ] {
+            let e = BlockRangeError::OutsidePage { off, len };
+            assert_eq!(block_bits(off, len), Err(e));
+            assert_eq!(m.set_valid_range(off, len), Err(e));
+            assert_eq!(m.clear_valid_range(off, len), Err(e));
+            assert_eq!(m.is_valid_range(off, len), Err(e));
+            assert_eq!(m.set_dirty_range(off, len), Err(e));
+            assert_eq!(m.clear_dirty_range(off, len), Err(e));
+        }
+        assert_eq!((m.valid_bits(), m.dirty_bits()), (0b1, 0));
+    }
+
+    /// PHYS-9: dirtying a block that is not valid was a debug assertion only (release builds
+    /// recorded a dirty, invalid block); it is an error in every build and marks nothing.
+    #[test]
+    fn dirtying_an_invalid_block_is_refused_in_every_build() {
+        let pa = PageArray::new(&[PhysSegment::new(0, 0x1000, 0)]);
+        let m = pa.page(0);
+        m.set_valid_range(0, 512).unwrap();
+        assert_eq!(
+            m.set_dirty_range(0, 1024),
+            Err(BlockRangeError::NotValid {
+                off: 0,
+                len: 1024,
+                invalid: 0b10
+            })
+        );
+        assert_eq!(m.dirty_bits(), 0, "a refused dirtying marks nothing");
+        m.set_dirty_range(0, 512).unwrap();
+        assert_eq!(m.dirty_bits(), 0b1);
     }
 
     #[test]

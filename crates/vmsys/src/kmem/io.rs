@@ -10,6 +10,10 @@
 //!
 //! This path works on every format (FreeBSD's arm64 and riscv panic for pages outside the
 //! direct map), and on formats with no direct map at all (i386).
+//!
+//! Every page must be a page-aligned frame that the machine has (a page record): anything else
+//! is `NotAFrame` before anything is mapped. The direct-map test is checked arithmetic, so a
+//! frame near 2^64 is never taken for one inside the direct map.
 
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
@@ -53,10 +57,20 @@ impl<P: Platform + 'static> Kmem<P> {
         if pages.is_empty() {
             return Err(KmemError::BadSize(0));
         }
+        if let Some(&bad) = pages
+            .iter()
+            .find(|&&p| !p.is_aligned(PAGE_SIZE) || self.sys.pages().get(p).is_none())
+        {
+            return Err(KmemError::NotAFrame(bad));
+        }
         let dmap = self.sys.direct_map();
         let direct = |pa: PhysAddr| {
-            dmap.filter(|&(_, size)| pa.as_u64() + PAGE_SIZE <= size)
-                .map(|(base, _)| VirtAddr::new(base.as_u64() + pa.as_u64()))
+            dmap.filter(|&(_, size)| {
+                pa.as_u64()
+                    .checked_add(PAGE_SIZE)
+                    .is_some_and(|end| end <= size)
+            })
+            .map(|(base, _)| VirtAddr::new(base.as_u64() + pa.as_u64()))
         };
         let outside: Vec<PhysAddr> = pages
             .iter()
@@ -73,9 +87,12 @@ impl<P: Platform + 'static> Kmem<P> {
         }
         let guards = if self.cfg.transient_guards { 2 } else { 0 };
         let npages = outside.len() as u64 + guards;
+        let bytes = npages
+            .checked_mul(PAGE_SIZE)
+            .ok_or(KmemError::BadSize(npages))?;
         let base = self
             .transient_arena
-            .alloc(npages * PAGE_SIZE, Policy::InstantFit)
+            .alloc(bytes, Policy::InstantFit)
             .map_err(KmemError::NoKva)?;
         let first = base + (guards / 2) * PAGE_SIZE;
         let me = self.plat().current_cpu();
@@ -86,7 +103,7 @@ impl<P: Platform + 'static> Kmem<P> {
         };
         if let Err(e) = r {
             self.transient_arena
-                .free(base, npages * PAGE_SIZE)
+                .free(base, bytes)
                 .expect("KVA just allocated goes back");
             return Err(e.into());
         }

@@ -19,6 +19,11 @@
 //! layout before that rule (everything straight from `kernel_arena`), kept so that tests can
 //! reproduce the hazard.
 //!
+//! Caller input is checked before anything changes, with checked arithmetic: sizes (zero or
+//! beyond the kernel address space: `BadSize`, before any rounding), bounce offsets (`off + len`
+//! inside the page: `OutsidePage`), transient pages (`NotAFrame`), and the alignment of a
+//! `kernel_arena` import (the grower never rounds its frontier past its limit or 2^64).
+//!
 //! Lock order: the kmem registry lock is a leaf (nothing is called while it is held except
 //! map lookups); arenas, then the pmap, then the reservation system are taken by the calls in
 //! that order and never nested the other way.
@@ -100,6 +105,11 @@ pub enum KmemError {
     WrongCpu { mapped_on: u32, unmapped_on: u32 },
     /// A kernel access faulted (a layer below is broken).
     Fault(Fault),
+    /// A bounce copy of `len` bytes at `off` does not lie inside the page (or `off + len`
+    /// overflows).
+    OutsidePage { off: u64, len: u64 },
+    /// Not a page-aligned address of a frame this machine has.
+    NotAFrame(PhysAddr),
 }
 
 impl fmt::Display for KmemError {
@@ -121,6 +131,12 @@ impl fmt::Display for KmemError {
                 "a pinned transient mapping made on cpu {mapped_on} was unmapped on cpu {unmapped_on}"
             ),
             KmemError::Fault(flt) => write!(f, "kernel access faulted: {flt}"),
+            KmemError::OutsidePage { off, len } => {
+                write!(f, "{len:#x} bytes at offset {off:#x} do not lie inside a page")
+            }
+            KmemError::NotAFrame(pa) => {
+                write!(f, "{pa} is not a page-aligned frame of this machine")
+            }
         }
     }
 }
@@ -198,9 +214,14 @@ impl<P: Platform + 'static> VmemSource for KvaGrower<P> {
         }
         // Held across growkernel, which may wait for shootdowns: spin servicing interrupts.
         let mut next = crate::platform::lock_interruptible(&self.next, &**self.sys.platform());
-        let base = next.next_multiple_of(align.max(PAGE_SIZE));
-        let end = base.checked_add(size).filter(|&e| e <= self.limit);
-        let Some(end) = end else {
+        // Checked: a large alignment (2^42 on amd64, 2^63 on arm64) rounds past 2^64, and a
+        // wrapped base would be VA 0 or the user half. `limit` ends the kernel half's KVA, and
+        // a refused import leaves the frontier where it was.
+        let end = next
+            .checked_next_multiple_of(align.max(PAGE_SIZE))
+            .and_then(|base| Some((base, base.checked_add(size)?)))
+            .filter(|&(_, e)| e <= self.limit);
+        let Some((base, end)) = end else {
             return Err(VmemError::ImportFailed { size });
         };
         if end > self.sys.kernel_end().as_u64() {
@@ -265,10 +286,12 @@ impl<P: Platform + 'static> Kmem<P> {
         let (kva_start, quick_base) = sys.kva_range();
         // Nothing promotable may share a superpage region with the quick-map slots.
         let limit = quick_base.as_u64() & !(sp - 1);
-        let start = sys.kernel_end().as_u64().next_multiple_of(sp);
-        if start >= limit {
-            return Err(KmemError::NoKva(VmemError::Exhausted { size: sp }));
-        }
+        let start = sys
+            .kernel_end()
+            .as_u64()
+            .checked_next_multiple_of(sp)
+            .filter(|&s| s < limit)
+            .ok_or(KmemError::NoKva(VmemError::Exhausted { size: sp }))?;
         let grower = Arc::new(KvaGrower {
             sys: sys.clone(),
             next: spin::Mutex::new(start),
@@ -381,10 +404,7 @@ impl<P: Platform + 'static> Kmem<P> {
             .domain_arenas
             .get(domain)
             .ok_or(KmemError::BadDomain(domain))?;
-        if size == 0 || size > self.grower.limit - self.kva_start {
-            return Err(KmemError::BadSize(size));
-        }
-        let len = size.next_multiple_of(PAGE_SIZE);
+        let len = self.length(size)?;
         let cpu = self.cpu();
         let va = if len >= self.sp {
             arena.xalloc(
@@ -486,9 +506,18 @@ impl<P: Platform + 'static> Kmem<P> {
         }
     }
 
+    /// The page-rounded length of a `size` a caller passes: `BadSize` for zero or more than
+    /// the kernel address space (checked before rounding, so the rounding cannot overflow).
+    fn length(&self, size: u64) -> Result<u64, KmemError> {
+        if size == 0 || size > self.grower.limit.saturating_sub(self.kva_start) {
+            return Err(KmemError::BadSize(size));
+        }
+        Ok(size.next_multiple_of(PAGE_SIZE))
+    }
+
     /// Free what `kmem_malloc` returned; `size` as asked then.
     pub fn kmem_free(&self, va: VirtAddr, size: u64) -> Result<(), KmemError> {
-        let len = size.next_multiple_of(PAGE_SIZE);
+        let len = self.length(size)?;
         let domain = {
             let mut r = self.registry.lock();
             match r.kmem.get(&va.as_u64()) {
@@ -514,10 +543,7 @@ impl<P: Platform + 'static> Kmem<P> {
     /// Kernel VA with nothing behind it, for `qenter`/`kenter` users (FreeBSD `kva_alloc`):
     /// straight from `kernel_arena`, never inside a domain or transient arena's superpages.
     pub fn kva_alloc(&self, size: u64) -> Result<VirtAddr, KmemError> {
-        if size == 0 || size > self.grower.limit - self.kva_start {
-            return Err(KmemError::BadSize(size));
-        }
-        let len = size.next_multiple_of(PAGE_SIZE);
+        let len = self.length(size)?;
         let va = self
             .kernel_arena
             .alloc(len, Policy::InstantFit)
@@ -528,7 +554,7 @@ impl<P: Platform + 'static> Kmem<P> {
 
     /// Free what `kva_alloc` returned. The caller has removed its mappings.
     pub fn kva_free(&self, va: VirtAddr, size: u64) -> Result<(), KmemError> {
-        let len = size.next_multiple_of(PAGE_SIZE);
+        let len = self.length(size)?;
         {
             let mut r = self.registry.lock();
             match r.kva.get(&va.as_u64()) {
@@ -572,10 +598,12 @@ impl<P: Platform + 'static> Kmem<P> {
         r.map_err(KmemError::Fault)
     }
 
-    /// A bounce copy of `len` bytes at `off` must stay inside the page; count it.
+    /// A bounce copy of `len` bytes at `off` must stay inside the page (checked: an `off`
+    /// near 2^64 would wrap the sum); count it.
     fn start_bounce(&self, off: u64, len: usize) -> Result<(), KmemError> {
-        if off + len as u64 > PAGE_SIZE {
-            return Err(KmemError::BadSize(off + len as u64));
+        let len = len as u64;
+        if off.checked_add(len).is_none_or(|e| e > PAGE_SIZE) {
+            return Err(KmemError::OutsidePage { off, len });
         }
         self.stats.bounce_copies.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -10,6 +10,10 @@
 //! Blocks never span two segments: a segment's frames are seeded as the largest aligned blocks
 //! that fit, and a freed block coalesces with its buddy only when the buddy lies in the same
 //! segment. So once everything is freed the lists hold exactly the seeded blocks again.
+//!
+//! Every free path refuses, in every build and before it changes anything, a frame still in
+//! use: busied, wired, one of the pmap's page-table pages or PV chunks, or mapped by a PV entry
+//! (`PageMeta::check_freeable`); run lengths are checked arithmetic.
 
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -58,6 +62,17 @@ pub enum PhysError {
     },
     /// The order is larger than [`MAX_ORDER`].
     BadOrder(u8),
+    /// The frame is busied (shared or exclusive): its holder is still using it.
+    Busy(PhysAddr),
+    /// The frame is wired `count` times.
+    Wired { pa: PhysAddr, count: u32 },
+    /// The frame is one of the pmap's page-table pages or PV chunks (`flags`: its
+    /// [`page_flags`](crate::page::page_flags) that say so).
+    PmapPage { pa: PhysAddr, flags: u32 },
+    /// The frame still has PV entries: a managed mapping maps it.
+    Mapped(PhysAddr),
+    /// A run of `npages` frames from `pa` reaches past the top of the physical address space.
+    RunWraps { pa: PhysAddr, npages: u64 },
 }
 
 impl fmt::Display for PhysError {
@@ -78,6 +93,21 @@ impl fmt::Display for PhysError {
                 "frame {pa} lies inside the allocated block {head} of order {order}"
             ),
             PhysError::BadOrder(o) => write!(f, "order {o} exceeds the maximum {MAX_ORDER}"),
+            PhysError::Busy(pa) => write!(f, "frame {pa} is busied: it cannot be freed"),
+            PhysError::Wired { pa, count } => {
+                write!(f, "frame {pa} is wired ({count}): it cannot be freed")
+            }
+            PhysError::PmapPage { pa, flags } => write!(
+                f,
+                "frame {pa} is a page-table page or PV chunk of the pmap (flags {flags:#x}): it cannot be freed"
+            ),
+            PhysError::Mapped(pa) => {
+                write!(f, "frame {pa} is still mapped (it has PV entries): it cannot be freed")
+            }
+            PhysError::RunWraps { pa, npages } => write!(
+                f,
+                "a run of {npages:#x} frames from {pa} reaches past the top of the address space"
+            ),
         }
     }
 }
@@ -371,7 +401,18 @@ impl BuddyAllocator {
             DomainPolicy::Prefer => n,
             DomainPolicy::Strict => usize::from(domain < n),
         };
-        (0..tries).map(move |i| (domain + i) % n.max(1))
+        // Reduced first: `domain + i` of a caller's domain near usize::MAX would overflow.
+        let first = domain % n.max(1);
+        (0..tries).map(move |i| (first + i) % n.max(1))
+    }
+
+    /// Why the frames `[idx, idx + n)` cannot be freed now, if one cannot (see
+    /// [`PageMeta::check_freeable`](crate::page::PageMeta)); checked before anything changes.
+    fn check_freeable(&self, idx: usize, n: usize) -> Result<(), PhysError> {
+        for i in idx..idx + n {
+            self.pages.page(i).check_freeable(self.pages.pa_of(i))?;
+        }
+        Ok(())
     }
 
     /// Clear the per-owner state of a block being freed (so free frames have none).
@@ -466,8 +507,10 @@ impl BuddyAllocator {
         let (seg, pfn) = self.locate(pa)?;
         let mut d = self.doms[seg.domain as usize].lock();
         self.check_alloc_head(seg, pfn, order)?;
-        debug_assert!(pfn.is_multiple_of(1 << order), "allocated block misaligned");
-        // Clears owner, valid, dirty and psind (debug: asserts the frames are unwired, unbusied).
+        // An allocated head of order k is aligned to 2^k (alloc_locked and take_run make no
+        // other), and lies wholly in its segment: the check covers only frames of the block.
+        self.check_freeable(idx_in(seg, pfn), 1 << order)?;
+        // Clears owner, valid, dirty and psind.
         self.reset_block(idx_in(seg, pfn), order);
         self.pages
             .page(idx_in(seg, pfn))
@@ -500,15 +543,20 @@ impl BuddyAllocator {
         if npages == 0 {
             return Ok(());
         }
-        let last = pa_of_pfn(pfn + npages - 1);
-        if !seg.contains(pfn + npages - 1) {
-            return Err(PhysError::NotOurs(last));
+        let end = pfn
+            .checked_add(npages)
+            .filter(|&e| e <= 1 << (64 - PAGE_SHIFT))
+            .ok_or(PhysError::RunWraps { pa, npages })?;
+        if end > seg.end_pfn {
+            // The first frame past the segment (its address fits: end - 1 is below 2^52).
+            return Err(PhysError::NotOurs(pa_of_pfn(seg.end_pfn)));
         }
         let mut d = self.doms[seg.domain as usize].lock();
-        for p in pfn..pfn + npages {
+        for p in pfn..end {
             self.check_alloc_head(seg, p, 0)?;
         }
-        for p in pfn..pfn + npages {
+        self.check_freeable(idx_in(seg, pfn), (end - pfn) as usize)?;
+        for p in pfn..end {
             self.reset_block(idx_in(seg, p), 0);
             self.pages
                 .page(idx_in(seg, p))
@@ -808,10 +856,15 @@ impl FrameSource for BuddyAllocator {
     }
 
     /// Frees a frame of order 0. A frame that heads a larger block, or lies inside one, is
-    /// reported as `NotOurs` (the trait has no finer error; [`BuddyAllocator::free`] has).
+    /// reported as `NotOurs`, one still in use (busied, wired, a pmap page, mapped) as `InUse`
+    /// (the trait has no finer errors; [`BuddyAllocator::free`] has).
     fn free(&self, pa: PhysAddr) -> Result<(), FrameError> {
         BuddyAllocator::free(self, pa, 0).map_err(|e| match e {
             PhysError::DoubleFree(pa) => FrameError::DoubleFree(pa),
+            PhysError::Busy(pa)
+            | PhysError::Wired { pa, .. }
+            | PhysError::PmapPage { pa, .. }
+            | PhysError::Mapped(pa) => FrameError::InUse(pa),
             _ => FrameError::NotOurs(pa),
         })
     }
@@ -911,6 +964,142 @@ mod tests {
             Err(PhysError::DoubleFree(a + PAGE_SIZE))
         );
         b.audit().unwrap();
+    }
+
+    /// PHYS-4: a free of a frame still in use (wired, busied shared or exclusive, a pmap
+    /// page-table page or PV chunk, mapped by a PV entry) was a debug assertion at most (release
+    /// builds freed the frame to its next owner while its user still had it). It is an error in
+    /// every build, for every frame of the block and every free path, and changes nothing.
+    #[test]
+    fn free_of_a_wired_frame_is_refused_in_every_build() {
+        use crate::page::{page_flags, PvEntry};
+        let b = buddy(&[PhysSegment::new(0, 4 * MB, 0)]);
+        let a = b.alloc(0, 2).unwrap();
+        let third = a + 2 * PAGE_SIZE;
+        let m = b.pages().meta(third);
+        type Make = fn(&crate::page::PageMeta);
+        type Undo = fn(&crate::page::PageMeta);
+        let cases: [(Make, Undo, PhysError); 5] = [
+            (
+                |m| {
+                    m.wire();
+                },
+                |m| {
+                    m.unwire();
+                },
+                PhysError::Wired {
+                    pa: third,
+                    count: 1,
+                },
+            ),
+            (
+                |m| assert!(m.try_xbusy()),
+                |m| m.xunbusy(),
+                PhysError::Busy(third),
+            ),
+            (
+                |m| assert!(m.try_sbusy()),
+                |m| m.sunbusy(),
+                PhysError::Busy(third),
+            ),
+            (
+                |m| m.set_flags(page_flags::PTP),
+                |m| m.clear_flags(page_flags::PTP),
+                PhysError::PmapPage {
+                    pa: third,
+                    flags: page_flags::PTP,
+                },
+            ),
+            (
+                |m| {
+                    m.pv.lock().push(PvEntry {
+                        pmap: 1,
+                        va: 0x1000,
+                        level: 3,
+                    })
+                },
+                |m| m.pv.lock().clear(),
+                PhysError::Mapped(third),
+            ),
+        ];
+        for (make, undo, err) in cases {
+            make(m);
+            let (blocks, out) = (b.free_blocks(), b.allocated_pages());
+            assert_eq!(b.free(a, 2), Err(err));
+            assert_eq!(
+                (b.free_blocks(), b.allocated_pages()),
+                (blocks.clone(), out)
+            );
+            // The same frame as part of a run: nothing of the run is freed either.
+            let r = b
+                .alloc_contig(
+                    0,
+                    4,
+                    PhysAddr::new(0),
+                    PhysAddr::new(u64::MAX),
+                    PAGE_SIZE,
+                    0,
+                )
+                .unwrap();
+            let rm = b.pages().meta(r + PAGE_SIZE);
+            make(rm);
+            let (blocks, out) = (b.free_blocks(), b.allocated_pages());
+            let e = b.free_contig(r, 4).unwrap_err();
+            assert!(
+                core::mem::discriminant(&e) == core::mem::discriminant(&err),
+                "{e:?}"
+            );
+            assert_eq!((b.free_blocks(), b.allocated_pages()), (blocks, out));
+            undo(rm);
+            b.free_contig(r, 4).unwrap();
+            undo(m);
+            b.audit().unwrap();
+        }
+        // And through the frame-source face.
+        let f = FrameSource::alloc(&b).unwrap();
+        b.pages().meta(f).wire();
+        assert_eq!(FrameSource::free(&b, f), Err(FrameError::InUse(f)));
+        b.pages().meta(f).unwire();
+        FrameSource::free(&b, f).unwrap();
+        b.free(a, 2).unwrap();
+        b.audit().unwrap();
+        assert_eq!(b.free_blocks(), b.initial_blocks());
+    }
+
+    /// PHYS-4: `free_contig` of a count near 2^64 computed `pfn + npages` unchecked (dev: a
+    /// panic; release: the sum wrapped below `pfn`, the run was empty, and the call returned
+    /// `Ok` having freed nothing). It is an error, as is a run that leaves its segment.
+    #[test]
+    fn free_contig_of_a_wrapping_count_is_an_error_that_frees_nothing() {
+        let b = buddy(&[PhysSegment::new(0, 4 * MB, 0)]);
+        let r = b
+            .alloc_contig(
+                0,
+                8,
+                PhysAddr::new(0),
+                PhysAddr::new(u64::MAX),
+                PAGE_SIZE,
+                0,
+            )
+            .unwrap();
+        let before = (b.free_blocks(), b.allocated_pages());
+        for n in [u64::MAX, u64::MAX - 1, 1 << 52] {
+            assert_eq!(
+                b.free_contig(r + PAGE_SIZE, n),
+                Err(PhysError::RunWraps {
+                    pa: r + PAGE_SIZE,
+                    npages: n
+                })
+            );
+        }
+        assert_eq!(
+            b.free_contig(r, 4 * MB / PAGE_SIZE + 1),
+            Err(PhysError::NotOurs(PhysAddr::new(4 * MB)))
+        );
+        assert_eq!((b.free_blocks(), b.allocated_pages()), before);
+        b.audit().unwrap();
+        b.free_contig(r, 8).unwrap();
+        assert_eq!(b.free_blocks(), b.initial_blocks());
     }
 
     #[test]

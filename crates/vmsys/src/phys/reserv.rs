@@ -10,7 +10,9 @@
 //! on a per-domain LRU queue (least recently changed first), from which they are broken under
 //! memory pressure: the unpopulated frames go back to the buddy allocator one by one, the
 //! populated ones stay allocated as ordinary frames. A reservation whose last page is freed
-//! returns its whole block.
+//! returns its whole block. The unpopulated frames of existing reservations are out of the buddy
+//! but handed to no one: [`ReservSystem::unpopulated_frames`] counts them for frame accounting.
+//! A free refuses a frame still in use as the buddy's does.
 //!
 //! Locking: one spin lock for all reservations (the maps, bitmaps, LRU queues and counters, and
 //! the owner and superpage-index fields of the records of reserved frames). It is taken before
@@ -42,6 +44,8 @@ pub enum ReservError {
     },
     /// The buddy allocator refused the free (double free, not ours, ...).
     Phys(PhysError),
+    /// The object id `u64::MAX` is the page record's "no owner" encoding: no object has it.
+    BadObject(ObjectId),
 }
 
 impl fmt::Display for ReservError {
@@ -53,6 +57,12 @@ impl fmt::Display for ReservError {
                 "{object} page {pindex:#x} is already allocated (frame {pa}) in its reservation"
             ),
             ReservError::Phys(e) => write!(f, "{e}"),
+            ReservError::BadObject(o) => {
+                write!(
+                    f,
+                    "{o} is reserved (it means \"no owner\"): no page can belong to it"
+                )
+            }
         }
     }
 }
@@ -255,6 +265,10 @@ impl ReservSystem {
         pindex: u64,
         domain: usize,
     ) -> Result<PhysAddr, ReservError> {
+        // Refused before anything changes: recording this owner would panic (set_owner).
+        if object.0 == u64::MAX {
+            return Err(ReservError::BadObject(object));
+        }
         if self.faults.should_fail() {
             return Err(ReservError::NoMemory);
         }
@@ -325,7 +339,8 @@ impl ReservSystem {
             DomainPolicy::Strict => usize::from(domain < nd),
         };
         for t in 0..tries {
-            let d = (domain + t) % nd;
+            // Reduced first: `domain + t` would overflow for a domain near usize::MAX.
+            let d = (domain % nd + t) % nd;
             if let Some((_, &base)) = st.lru[d].first_key_value() {
                 self.break_locked(st, base);
                 return true;
@@ -379,6 +394,10 @@ impl ReservSystem {
         if !rv.is_set(i) {
             return Err(ReservError::Phys(PhysError::DoubleFree(pa)));
         }
+        // As the buddy's free checks the frames it takes back: in every build, before anything
+        // changes.
+        self.page(pfn).check_freeable(pa)?;
+        let rv = st.by_base.get_mut(&base).expect("checked");
         let was_full = rv.popcnt == n as u32;
         rv.popmap[i / 64] &= !(1 << (i % 64));
         rv.popcnt -= 1;
@@ -467,6 +486,15 @@ impl ReservSystem {
             .get(domain)
             .map(|q| q.values().map(|&b| Self::pa(b)).collect())
             .unwrap_or_default()
+    }
+
+    /// Frames the reservations hold from the buddy allocator without having handed them out:
+    /// the unpopulated frames of every partially populated reservation. A frame accounting
+    /// (frames the buddy has out = frames the holders account for) must count them as held.
+    pub fn unpopulated_frames(&self) -> u64 {
+        let n = self.npages();
+        let st = self.state.lock();
+        st.by_base.values().map(|rv| n - rv.popcnt as u64).sum()
     }
 
     /// The counters.
@@ -614,6 +642,60 @@ mod tests {
         assert_eq!(r.stats().freed, 2);
         r.audit().unwrap();
         assert_eq!(r.buddy().free_blocks(), r.buddy().initial_blocks());
+    }
+
+    /// A caller's domain number near usize::MAX made `domain + i` overflow when choosing the
+    /// domains to try (dev: a panic) in the buddy and in the reservation system's pressure
+    /// path; the object id u64::MAX (the record's "no owner" encoding) panicked in `set_owner`
+    /// after the block was already taken. Both are served or refused cleanly, and the object id
+    /// is an error that changes nothing.
+    #[test]
+    fn huge_domain_numbers_and_the_reserved_object_id_are_handled_without_panics() {
+        // Two domains of 4 MiB: usize::MAX % 2 == 1, so domain 1 is tried first.
+        let pages = Arc::new(PageArray::new(&[
+            PhysSegment::new(0, 4 << 20, 0),
+            PhysSegment::new(4 << 20, 8 << 20, 1),
+        ]));
+        let b = Arc::new(BuddyAllocator::new(pages));
+        let r = ReservSystem::new(b.clone(), 9);
+        let before = (b.free_blocks(), r.stats());
+        assert_eq!(
+            r.alloc_page(ObjectId(u64::MAX), 0, 0),
+            Err(ReservError::BadObject(ObjectId(u64::MAX)))
+        );
+        assert_eq!((b.free_blocks(), r.stats()), before);
+        // A partial reservation in domain 0, then every other frame taken.
+        let p = r.alloc_page(ObjectId(1), 0, 0).unwrap();
+        let mut held = Vec::new();
+        for d in [1, 0] {
+            b.set_policy(DomainPolicy::Strict);
+            while let Some(x) = b.alloc(d, 0) {
+                held.push(x);
+            }
+        }
+        b.set_policy(DomainPolicy::Prefer);
+        // Domain 1 (tried first) has nothing: the next domain is found without overflow.
+        let x = held.pop().unwrap();
+        b.free(x, 0).unwrap();
+        assert_eq!(
+            b.alloc(usize::MAX, 0),
+            Some(x),
+            "Prefer: the other domain serves"
+        );
+        held.push(x);
+        // The pressure path: domain 1 has no partial reservation, domain 0's is broken.
+        let q = r.alloc_page(ObjectId(2), 0, usize::MAX).unwrap();
+        assert_eq!(r.stats().broken, 1);
+        b.set_policy(DomainPolicy::Strict);
+        assert_eq!(b.alloc(usize::MAX, 0), None, "Strict: no such domain");
+        b.set_policy(DomainPolicy::Prefer);
+        for x in held {
+            b.free(x, 0).unwrap();
+        }
+        r.free_page(p).unwrap();
+        r.free_page(q).unwrap();
+        r.audit().unwrap();
+        assert_eq!(b.free_blocks(), b.initial_blocks());
     }
 
     #[test]
