@@ -75,7 +75,7 @@ fn rounds(s: &System, n: u64, reps: u32) -> Result<f64, String> {
         }
     };
     s.m.run_on(0, |_| {
-        s.pmap.activate(&pm);
+        s.pmap.activate(&pm).unwrap();
         map(0, WS);
     });
     let touch = || {
@@ -87,7 +87,7 @@ fn rounds(s: &System, n: u64, reps: u32) -> Result<f64, String> {
             c.set_user(false);
         })
     };
-    s.m.run_on(1, |_| s.pmap.activate(&pm));
+    s.m.run_on(1, |_| s.pmap.activate(&pm).unwrap());
     touch();
     let mut total = 0.0;
     for _ in 0..reps {
@@ -108,7 +108,7 @@ fn rounds(s: &System, n: u64, reps: u32) -> Result<f64, String> {
             .expect("remove");
     });
     for c in 0..2 {
-        s.m.run_on(c, |_| s.pmap.activate(s.pmap.kernel_pmap()));
+        s.m.run_on(c, |_| s.pmap.activate(s.pmap.kernel_pmap()).unwrap());
     }
     s.m.run_on(0, |_| s.pmap.destroy(pm))
         .map_err(|e| e.to_string())?;

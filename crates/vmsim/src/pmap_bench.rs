@@ -686,7 +686,7 @@ pub fn measure(p: PmapParams) -> Result<PmapBench, CliError> {
 
         // Both sides built real amd64 tables: the simulated MMU reads through each.
         m.mem().store_u64(DATA + CHECK_PAGE * PAGE, MAGIC);
-        sys.activate(&pmap);
+        sys.activate(&pmap).map_err(pmap_err("activate"))?;
         mmu_check(c, "the vmsys pmap")?;
         // The x86_64 side (and its `&mut PageTable`) ends here, before the simulated MMU reads
         // through its tables.
@@ -701,7 +701,7 @@ pub fn measure(p: PmapParams) -> Result<PmapBench, CliError> {
         });
         mmu_check(c, "the x86_64 crate's tables")?;
         let kernel = sys.kernel_pmap().clone();
-        sys.activate(&kernel);
+        sys.activate(&kernel).map_err(pmap_err("activate"))?;
         vm_unmap_ranges(&sys, &pmap, 1)?;
         sys.destroy(pmap).map_err(pmap_err("destroy"))?;
         Ok(r)

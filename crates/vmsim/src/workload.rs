@@ -651,12 +651,15 @@ impl CpuRun<'_, '_> {
     }
 
     fn switch_to(&mut self, to: Option<usize>) {
-        match to {
+        let r = match to {
             Some(i) => self.sys().activate(&self.spaces[i].sh.pmap),
             None => {
                 let k = self.sys().kernel_pmap().clone();
-                self.sys().activate(&k);
+                self.sys().activate(&k)
             }
+        };
+        if let Err(e) = r {
+            self.err(|| format!("activate: {e}"));
         }
         self.home = to;
     }
@@ -886,7 +889,9 @@ impl CpuRun<'_, '_> {
         if let Some(t) = target {
             t.visitors.fetch_add(1, SeqCst);
             if !t.closing.load(SeqCst) {
-                self.sys().activate(&t.pmap);
+                if let Err(e) = self.sys().activate(&t.pmap) {
+                    self.err(|| format!("activate of a visited space: {e}"));
+                }
                 c.set_user(true);
                 for _ in 0..VISIT_READS {
                     let i = self.rng.gen_range(0..g.pages());

@@ -32,7 +32,7 @@ fn enter_access_remove(f: FormatId) {
     let v = e.uva(PAGE, 3);
     let fr = frame(PAGE, 7);
     e.m.run_on(0, |cpu| {
-        e.sys.activate(&p);
+        e.sys.activate(&p).unwrap();
         e.sys
             .enter(
                 &p,
@@ -61,7 +61,7 @@ fn enter_access_remove(f: FormatId) {
         );
         cpu.set_user(false);
         let k = e.sys.kernel_pmap().clone();
-        e.sys.activate(&k);
+        e.sys.activate(&k).unwrap();
     });
     let before = e.frames_in_use();
     e.audit();
@@ -147,7 +147,7 @@ fn range_map_unmap_no_leak(f: FormatId) {
     let v = e.uva(sp(&e), 1) + 5 * PAGE;
     let n = 3 * 512;
     e.m.run_on(0, |cpu| {
-        e.sys.activate(&p);
+        e.sys.activate(&p).unwrap();
         e.sys
             .enter_range(
                 &p,
@@ -210,7 +210,7 @@ fn promotion_and_demotion(f: FormatId) {
     let n = s / PAGE;
     let base_frames = e.frames_in_use();
     e.m.run_on(0, |cpu| {
-        e.sys.activate(&p);
+        e.sys.activate(&p).unwrap();
         cpu.set_user(true);
         // Fill the table page by page (as faults would), the last entry completes it.
         for i in 0..n {
@@ -332,7 +332,7 @@ fn superpages_by_size(f: FormatId) {
     let sizes: Vec<u64> = e.sys.page_sizes().collect();
     let base_frames = e.frames_in_use();
     e.m.run_on(0, |cpu| {
-        e.sys.activate(&p);
+        e.sys.activate(&p).unwrap();
         cpu.set_user(true);
         for (psind, &size) in sizes.iter().enumerate().skip(1) {
             let v = e.uva(size, 1);
@@ -608,7 +608,7 @@ fn reverse_map_operations(f: FormatId) {
     // Each pmap active on its own CPU; each writes the page.
     for (c, p) in pmaps.iter().enumerate() {
         e.m.run_on(c as u32, |cpu| {
-            e.sys.activate(p);
+            e.sys.activate(p).unwrap();
             cpu.set_user(true);
             cpu.write_u64(v + c as u64 * PAGE, c as u64).unwrap();
             cpu.set_user(false);
@@ -780,7 +780,7 @@ fn seed004_kernel_sync(f: FormatId) {
     let all = [old[0].clone(), old[1].clone(), new.clone()];
     for (c, p) in all.iter().enumerate() {
         e.m.run_on(c as u32, |cpu| {
-            e.sys.activate(p);
+            e.sys.activate(p).unwrap();
             assert_eq!(
                 cpu.read_u64(v).unwrap(),
                 4242,
@@ -822,7 +822,7 @@ fn shootdown_is_precise(f: FormatId) {
     });
     for c in 0..3 {
         e.m.run_on(c, |cpu| {
-            e.sys.activate(&p);
+            e.sys.activate(&p).unwrap();
             cpu.set_user(true);
             for i in 0..8 {
                 cpu.read_u64(v + i * PAGE).unwrap();
@@ -831,7 +831,7 @@ fn shootdown_is_precise(f: FormatId) {
         });
     }
     // CPU 2 switches to another address space: it keeps p's entries under p's tag.
-    e.m.run_on(2, |_| e.sys.activate(&q));
+    e.m.run_on(2, |_| e.sys.activate(&q).unwrap());
     let before = e.m.counters();
     e.m.run_on(0, |_| e.sys.remove(&p, va(v), va(v + 2 * PAGE)).unwrap());
     let after = e.m.counters();
@@ -852,7 +852,7 @@ fn shootdown_is_precise(f: FormatId) {
     }
     // CPU 2 comes back to p: it must not see the removed pages.
     e.m.run_on(2, |cpu| {
-        e.sys.activate(&p);
+        e.sys.activate(&p).unwrap();
         cpu.set_user(true);
         assert!(
             cpu.read_u64(v + PAGE).is_err(),
@@ -891,7 +891,7 @@ fn tag_recycling(f: FormatId) {
         for (i, p) in pmaps.iter().enumerate() {
             let c = ((i + round) % 2) as u32;
             e.m.run_on(c, |cpu| {
-                e.sys.activate(p);
+                e.sys.activate(p).unwrap();
                 e.m.mem().store_u64(frame(PAGE, i as u64), i as u64 + 100);
                 cpu.set_user(true);
                 assert_eq!(
@@ -926,7 +926,7 @@ fn arm64_software_access_flag_is_set_by_the_pmap_fault_handler() {
     let v = e.uva(PAGE, 1);
     let f = frame(PAGE, 3);
     e.m.run_on(0, |c| {
-        e.sys.activate(&p);
+        e.sys.activate(&p).unwrap();
         e.sys
             .enter(&p, va(v), pa(f), Prot::USER, EnterFlags::MANAGED, 0)
             .unwrap();

@@ -93,7 +93,7 @@ impl World {
         let sp = e.sys.page_sizes().nth(1).unwrap();
         let p = e.sys.create().unwrap();
         for c in 0..2 {
-            e.m.run_on(c, |_| e.sys.activate(&p));
+            e.m.run_on(c, |_| e.sys.activate(&p).unwrap());
         }
         let ubase = e.uva(sp, 4);
         let kbase = e.grow(sp);

@@ -68,7 +68,7 @@ fn stress(f: FormatId) {
     let baseline = e.frames_in_use();
     let p = e.sys.create().unwrap();
     for c in 0..CPUS {
-        e.m.run_on(c, |_| e.sys.activate(&p));
+        e.m.run_on(c, |_| e.sys.activate(&p).unwrap());
     }
     let lay = Layout {
         shared: e.uva(sp, 4),
@@ -133,7 +133,7 @@ fn stress(f: FormatId) {
     });
     e.audit();
     for c in 0..CPUS {
-        e.m.run_on(c, |_| e.sys.activate(e.sys.kernel_pmap()));
+        e.m.run_on(c, |_| e.sys.activate(e.sys.kernel_pmap()).unwrap());
     }
     e.m.run_on(0, |_| e.sys.destroy(p).unwrap());
     assert_eq!(
@@ -395,7 +395,7 @@ fn remap_under_readers(f: FormatId) {
             let (e, p, done, start) = (&e, &p, &done, &start);
             s.spawn(move || {
                 e.m.run_on(cpu, |c| {
-                    e.sys.activate(p);
+                    e.sys.activate(p).unwrap();
                     start.wait();
                     let mut reads = 0u64;
                     while !done.load(std::sync::atomic::Ordering::SeqCst) || reads == 0 {
@@ -410,7 +410,7 @@ fn remap_under_readers(f: FormatId) {
             });
         }
         e.m.run_on(0, |_| {
-            e.sys.activate(&p);
+            e.sys.activate(&p).unwrap();
             e.sys
                 .enter(
                     &p,

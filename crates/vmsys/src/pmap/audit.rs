@@ -1,4 +1,5 @@
-//! The full invariant audit (docs/INVARIANTS.md, PT-*, PV-*, KPT-*, SP-*). Tests call it at
+//! The full invariant audit (docs/INVARIANTS.md, PT-*, PV-*, KPT-*, SP-*; PT-9: the direct
+//! map is exactly `[0, limit)`). Tests call it at
 //! quiescent points; it takes every pmap's lock in turn.
 
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -63,6 +64,7 @@ impl<P: Platform> PmapSystem<P> {
         let pmaps = self.all_pmaps();
         rep.pmaps = pmaps.len();
         let layout = g.fmt.layout(self.cfg.split);
+        let mut dmap_bytes = 0u64;
         for pmap in &pmaps {
             let st = table::lock(&pmap.state, &*self.plat);
             held.insert(pmap.root.as_u64());
@@ -132,7 +134,21 @@ impl<P: Platform> PmapSystem<P> {
                             .dmap
                             .is_some_and(|(b, s)| va >= b && va < b + s.max(1));
                         if is_dmap {
-                            // The direct map is not counted as mappings.
+                            // The direct map is not counted as mappings. PT-9: it maps
+                            // `va - base` and lies wholly below its limit.
+                            let (b, s) = self.kern.dmap.unwrap_or_default();
+                            if !pmap.kernel {
+                                continue;
+                            }
+                            dmap_bytes += span;
+                            if pa != va - b || va - b + span > s {
+                                err(
+                                    "PT-9",
+                                    format!(
+                                        "direct-map leaf at {va:#x} (size {span:#x}) maps {pa:#x}: not inside [0, {s:#x}) at its offset"
+                                    ),
+                                );
+                            }
                             continue;
                         }
                         rep.leaves += 1;
@@ -232,6 +248,14 @@ impl<P: Platform> PmapSystem<P> {
         }
         if let Some(r) = self.empty_user_root {
             held.insert(r.as_u64());
+        }
+        if let Some((b, s)) = self.kern.dmap {
+            if dmap_bytes != s {
+                err(
+                    "PT-9",
+                    format!("the direct map at {b:#x} maps {dmap_bytes:#x} bytes, not {s:#x}"),
+                );
+            }
         }
         // PV-1: the lists equal what the tables imply.
         let mut actual: BTreeMap<(u64, PvEntry), u32> = BTreeMap::new();

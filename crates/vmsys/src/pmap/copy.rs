@@ -12,32 +12,38 @@ use crate::platform::Platform;
 
 use super::ptp::Walk;
 use super::remove::Found;
-use super::table;
 use super::tlb::Flush;
 use super::{Pmap, PmapError, PmapSystem};
 
 impl<P: Platform> PmapSystem<P> {
     /// Copy `src`'s mappings of `[addr, addr + len)` into `dst` at the same addresses. Returns
-    /// the number of 4 KiB pages copied.
+    /// the number of 4 KiB pages copied. Both must be live user pmaps of this system, and
+    /// different; `len` 0 copies nothing once `addr` is checked.
     pub fn copy(&self, dst: &Pmap, src: &Pmap, addr: VirtAddr, len: u64) -> Result<u64, PmapError> {
-        if dst.kernel || src.kernel || core::ptr::eq(dst, src) {
-            return Err(PmapError::WrongHalf(addr));
+        self.usable(dst)?;
+        self.usable(src)?;
+        if dst.kernel || src.kernel {
+            return Err(PmapError::KernelPmap);
         }
+        if core::ptr::eq(dst, src) {
+            return Err(PmapError::SamePmap);
+        }
+        self.check_range(src, addr, len, PAGE_SIZE)?;
         if len == 0 {
             return Ok(0);
         }
-        self.check_range(src, addr, len, PAGE_SIZE)?;
         let g = &self.geom;
         let t = self.tables();
-        // Lock order between two pmaps: by id.
-        let (mut sst, mut dst_st) = if src.id < dst.id {
-            let a = table::lock(&src.state, &*self.plat);
-            (a, table::lock(&dst.state, &*self.plat))
+        // Lock order between two pmaps: by id, then by address (a destroyed pmap's id may have
+        // been given to a live one; the destroyed one is refused once its lock is held).
+        let key = |p: &Pmap| (p.id, p as *const Pmap as usize);
+        let (sst, mut dst_st) = if key(src) < key(dst) {
+            let a = self.lock_live(src)?;
+            (a, self.lock_live(dst)?)
         } else {
-            let b = table::lock(&dst.state, &*self.plat);
-            (table::lock(&src.state, &*self.plat), b)
+            let b = self.lock_live(dst)?;
+            (self.lock_live(src)?, b)
         };
-        let _ = &mut sst;
         let mut flush = Flush::new();
         let (sva, eva) = (addr.as_u64(), addr.as_u64() + len);
         let mut va = sva;
@@ -150,6 +156,7 @@ impl<P: Platform> PmapSystem<P> {
         }
         // The destination's new entries were invalid before: only freed tables need a flush.
         self.complete(dst, flush);
+        drop(sst);
         Ok(copied)
     }
 }

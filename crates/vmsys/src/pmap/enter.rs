@@ -53,6 +53,7 @@ impl<P: Platform> PmapSystem<P> {
         flags: EnterFlags,
         psind: usize,
     ) -> Result<(), PmapError> {
+        self.usable(pmap)?;
         if psind >= self.geom.npsind {
             return Err(PmapError::BadPageSize(psind));
         }
@@ -61,7 +62,7 @@ impl<P: Platform> PmapSystem<P> {
         self.check_range(pmap, va, size, size)?;
         self.check_pa(pa, size, flags.contains(EnterFlags::MANAGED))?;
         let new = self.make_entry(pmap, level, pa.as_u64(), prot, flags, CacheMode::WriteBack)?;
-        let mut st = table::lock(&pmap.state, &*self.plat);
+        let mut st = self.lock_live(pmap)?;
         let mut flush = Flush::new();
         self.plat
             .pt_update_begin(va, VirtAddr::new(va.as_u64() + size));
@@ -378,7 +379,8 @@ impl<P: Platform> PmapSystem<P> {
 
     /// Map the physically contiguous `[pa, pa + len)` at `va` with 4 KiB pages, one batched
     /// store per table (the range cursor). The range must be unmapped (`ExistingMapping`
-    /// otherwise). All or nothing: on failure nothing this call mapped is left mapped.
+    /// otherwise). All or nothing: on failure nothing this call mapped is left mapped. `len` 0
+    /// maps nothing once `va` and `pa` have been checked.
     pub fn enter_range(
         &self,
         pmap: &Pmap,
@@ -388,15 +390,13 @@ impl<P: Platform> PmapSystem<P> {
         prot: Prot,
         flags: EnterFlags,
     ) -> Result<(), PmapError> {
+        self.usable(pmap)?;
         self.check_range(pmap, va, len, PAGE_SIZE)?;
-        let managed = flags.contains(EnterFlags::MANAGED);
-        self.check_pa(pa, PAGE_SIZE, managed)?;
-        self.check_pa(
-            PhysAddr::new(pa.as_u64() + len - PAGE_SIZE),
-            PAGE_SIZE,
-            managed,
-        )?;
-        let mut st = table::lock(&pmap.state, &*self.plat);
+        self.check_frames(pa, len, PAGE_SIZE, flags.contains(EnterFlags::MANAGED))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut st = self.lock_live(pmap)?;
         let mut flush = Flush::new();
         let end = VirtAddr::new(va.as_u64() + len);
         self.plat.pt_update_begin(va, end);

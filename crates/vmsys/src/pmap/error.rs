@@ -32,6 +32,19 @@ pub enum PmapError {
     Busy,
     /// The kernel address space cannot grow that far.
     KvaExhausted,
+    /// The pmap was destroyed: no operation may touch it (its tables are freed and reused).
+    Destroyed,
+    /// The pmap belongs to another `PmapSystem`.
+    ForeignPmap,
+    /// The operation is not allowed on the kernel pmap (`destroy`, `copy`).
+    KernelPmap,
+    /// `copy` from a pmap into itself.
+    SamePmap,
+    /// A kernel address outside the kernel's dynamic range (`kva_range`): the direct map, the
+    /// quick-map slots or an unused part of the kernel half, which only the pmap maps.
+    OutsideKva(VirtAddr),
+    /// A configuration the pmap cannot lay out (overlapping or misaligned kernel ranges).
+    BadConfig(&'static str),
 }
 
 impl From<AddrError> for PmapError {
@@ -61,6 +74,15 @@ impl fmt::Display for PmapError {
             PmapError::NotManageable => write!(f, "managed mapping of a frame without a page"),
             PmapError::Busy => write!(f, "the pmap still has mappings or is active"),
             PmapError::KvaExhausted => write!(f, "kernel address space exhausted"),
+            PmapError::Destroyed => write!(f, "the pmap has been destroyed"),
+            PmapError::ForeignPmap => write!(f, "the pmap belongs to another pmap system"),
+            PmapError::KernelPmap => write!(f, "not allowed on the kernel pmap"),
+            PmapError::SamePmap => write!(f, "source and destination are the same pmap"),
+            PmapError::OutsideKva(va) => write!(
+                f,
+                "{va} is outside the kernel's dynamic range (direct map, quick-map slots or unused)"
+            ),
+            PmapError::BadConfig(why) => write!(f, "bad pmap configuration: {why}"),
         }
     }
 }

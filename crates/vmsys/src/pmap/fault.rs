@@ -18,7 +18,6 @@ use vmsys_arch::{Entry, Prot};
 
 use crate::platform::{AccessKind, Fault, FaultReason, FaultResolution, Platform};
 
-use super::table;
 use super::{Pmap, PmapStats, PmapSystem};
 
 impl<P: Platform + 'static> PmapSystem<P> {
@@ -42,10 +41,13 @@ impl<P: Platform> PmapSystem<P> {
         if !fmt.is_canonical(va) {
             return FaultResolution::Deliver;
         }
+        let me = self.plat.current_cpu();
+        if me as usize >= self.cpus.len() {
+            return FaultResolution::Deliver;
+        }
         let pmap: Arc<Pmap> = if fmt.is_kernel_va(va, self.cfg.split) {
             self.kernel.clone()
         } else {
-            let me = self.plat.current_cpu();
             let id = self.cpus[me as usize]
                 .current
                 .load(core::sync::atomic::Ordering::SeqCst);
@@ -55,8 +57,13 @@ impl<P: Platform> PmapSystem<P> {
             }
         };
         // Under the lock: a change of this address space by another CPU is complete.
-        let _st = table::lock(&pmap.state, &*self.plat);
+        let Ok(_st) = self.lock_live(&pmap) else {
+            return FaultResolution::Deliver;
+        };
         let g = &self.geom;
+        if !self.translates(&pmap, va) {
+            return FaultResolution::Deliver;
+        }
         let Some((slot, raw, level)) = self.leaf_at(&pmap, va) else {
             return FaultResolution::Deliver;
         };

@@ -16,7 +16,7 @@
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use vmsys_arch::{CacheMode, Halves, Prot, PteFlags};
 
@@ -139,12 +139,39 @@ impl<P: Platform + 'static> PmapSystem<P> {
             _ if geom.nlevels == 2 => KptSync::Propagate,
             _ => KptSync::PreallocTop,
         };
+        if kva_end % PAGE_SIZE != 0 {
+            return Err(PmapError::BadConfig(
+                "the kernel range's end is not page-aligned",
+            ));
+        }
+        // The direct map covers exactly the page-aligned part of `[0, limit)` (PT-9).
         let dmap = if cfg.direct_map {
-            dmap_base.map(|b| (b, plat.direct_map_limit().as_u64()))
+            dmap_base.map(|b| (b, plat.direct_map_limit().as_u64() & !(PAGE_SIZE - 1)))
         } else {
             None
         };
-        let quick_base = (kva_end - 2 * ncpu as u64 * PAGE_SIZE) & !(PAGE_SIZE - 1);
+        if let Some((b, s)) = dmap {
+            let fits = s == 0
+                || b.checked_add(s - 1)
+                    .is_some_and(|last| layout.kernel.contains(&last));
+            if !fits {
+                return Err(PmapError::BadConfig(
+                    "the direct map does not fit in the kernel half",
+                ));
+            }
+            if s > 0 && b < kva_end && kva_start <= b + (s - 1) {
+                return Err(PmapError::BadConfig(
+                    "the kernel range overlaps the direct map",
+                ));
+            }
+        }
+        let quick_base = (2 * ncpu as u64)
+            .checked_mul(PAGE_SIZE)
+            .and_then(|q| kva_end.checked_sub(q))
+            .filter(|&q| q > kva_start)
+            .ok_or(PmapError::BadConfig(
+                "the kernel range has no room for the quick-map slots",
+            ))?;
         let tag_limit = match geom.fmt.tlb.tag {
             vmsys_arch::TlbTag::None => 1,
             vmsys_arch::TlbTag::Pcid { bits } | vmsys_arch::TlbTag::Asid { bits } => {
@@ -182,9 +209,12 @@ impl<P: Platform + 'static> PmapSystem<P> {
         };
         // The kernel root.
         let root = frames.alloc().ok_or(PmapError::ResourceShortage)?;
+        let token = super::NEXT_SYSTEM.fetch_add(1, Ordering::Relaxed);
         let kernel = Arc::new(Pmap {
             id: 0,
             kernel: true,
+            owner: token,
+            life: AtomicU8::new(super::LIVE),
             root,
             active: CpuMask::default(),
             stale_on: CpuMask::default(),
@@ -207,6 +237,13 @@ impl<P: Platform + 'static> PmapSystem<P> {
             kernel_end: Default::default(),
             empty_user_root: None,
             stats: Default::default(),
+            token,
+            space: super::VaSpace {
+                user: (*layout.user.start(), *layout.user.end()),
+                kernel: (*layout.kernel.start(), *layout.kernel.end()),
+                shared_root: !layout.separate_roots,
+                kva: (kva_start, quick_base - 1),
+            },
         };
         sys.tables().zero_table(root.as_u64());
         sys.mark_kernel_ptp(root);
@@ -240,7 +277,9 @@ impl<P: Platform + 'static> PmapSystem<P> {
                 .expect("the format has a separate kernel root");
         }
         let k = self.kernel.clone();
-        self.activate(&k);
+        // The kernel pmap is this system's and never destroyed: this cannot fail.
+        let loaded = self.activate_inner(&k);
+        debug_assert!(loaded);
     }
 }
 
@@ -313,31 +352,41 @@ impl<P: Platform> PmapSystem<P> {
         self.kern.propagated.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Map the direct map at bootstrap: the largest leaves the format has.
+    /// Map the direct map at bootstrap (PT-9): exactly `[0, size)`, each piece with the largest
+    /// leaf that lies wholly inside it and is aligned in both address spaces (1 GiB, then
+    /// 2 MiB, then 4 KiB where the format has them), so that nothing at or above the limit
+    /// translates. The tables below the top leaves are kernel page-table pages like any other
+    /// (never freed, counted by the audit).
     fn map_direct(&self) -> Result<(), PmapError> {
         let Some((base, size)) = self.kern.dmap else {
             return Ok(());
         };
         let g = &self.geom;
-        let level = g.psind_level[g.npsind - 1];
-        let span = g.levels[level].span;
-        let tmpl = g
-            .fmt
-            .make_leaf(
-                0,
-                level,
-                Prot::WRITE,
-                PteFlags::GLOBAL | PteFlags::ACCESSED | PteFlags::DIRTY,
-                CacheMode::WriteBack,
-            )
-            .map_err(|_| PmapError::Unsupported)?;
         let mut off = 0;
         while off < size {
             let va = base + off;
+            let level = (0..g.npsind)
+                .rev()
+                .map(|i| g.psind_level[i])
+                .find(|&l| {
+                    let span = g.levels[l].span;
+                    va % span == 0 && off % span == 0 && size - off >= span
+                })
+                .expect("a page-aligned remainder fits a 4 KiB leaf");
+            let leaf = g
+                .fmt
+                .make_leaf(
+                    off,
+                    level,
+                    Prot::WRITE,
+                    PteFlags::GLOBAL | PteFlags::ACCESSED | PteFlags::DIRTY,
+                    CacheMode::WriteBack,
+                )
+                .map_err(|_| PmapError::Unsupported)?;
             let table = self.kernel_table(va, level)?;
             let slot = self.geom.slot(table, self.geom.index(va, level));
-            self.tables().store(slot, tmpl | off);
-            off += span;
+            self.tables().store(slot, leaf);
+            off += g.levels[level].span;
         }
         Ok(())
     }
@@ -376,19 +425,28 @@ impl<P: Platform> PmapSystem<P> {
                 self.tables().store(g.slot(root.as_u64(), i), e);
             }
         }
-        let id = match reg
-            .iter()
-            .position(|s| s.as_ref().is_none_or(|w| w.strong_count() == 0))
-        {
-            Some(i) if i > 0 => i,
-            _ => {
+        // Reuse the id of a destroyed pmap (slot 0 is the kernel's). A slot whose pmap was
+        // dropped without `destroy` keeps its id: its tables and PV entries still name it.
+        let id = match reg.iter().skip(1).position(|s| s.is_none()) {
+            Some(i) => i + 1,
+            None => {
                 reg.push(None);
                 reg.len() - 1
             }
         };
+        let Ok(id32) = u32::try_from(id) else {
+            drop(reg);
+            for pd in fixed {
+                self.free_ptp_now(pd);
+            }
+            self.free_ptp_now(root);
+            return Err(PmapError::ResourceShortage);
+        };
         let pmap = Arc::new(Pmap {
-            id: id as u32,
+            id: id32,
             kernel: false,
+            owner: self.token,
+            life: AtomicU8::new(super::LIVE),
             root,
             active: CpuMask::default(),
             stale_on: CpuMask::default(),
@@ -403,19 +461,38 @@ impl<P: Platform> PmapSystem<P> {
         Ok(pmap)
     }
 
-    /// Destroy a user pmap (FreeBSD `pmap_release`): it must have no mappings and be active
-    /// nowhere.
+    /// Destroy a user pmap (FreeBSD `pmap_release`). The rule (PT-7): it must be a live user
+    /// pmap of this system (`KernelPmap`, `ForeignPmap`, `Destroyed` otherwise), with no
+    /// mappings (nothing resident, no saved table) and loaded on no CPU (`Busy` otherwise, and
+    /// nothing changes). It is marked destroyed under its lock before anything is freed, so
+    /// every other handle to it is refused from then on, even after its frames are reused.
     pub fn destroy(&self, pmap: Arc<Pmap>) -> Result<(), PmapError> {
+        if pmap.owner != self.token {
+            return Err(PmapError::ForeignPmap);
+        }
         if pmap.kernel {
+            return Err(PmapError::KernelPmap);
+        }
+        let mut st = self.lock_live(&pmap)?;
+        if st.resident != 0 || !st.saved.is_empty() {
             return Err(PmapError::Busy);
         }
-        let mut st = table::lock(&pmap.state, &*self.plat);
-        if st.resident != 0 || !pmap.active.snapshot().is_empty() || !st.saved.is_empty() {
+        // Dekker with `activate`, which publishes its CPU in `active` and then reads `life`:
+        // either it sees DYING/DEAD and backs off, or we see it active and refuse.
+        pmap.life.store(super::DYING, Ordering::SeqCst);
+        if !pmap.active.snapshot().is_empty() {
+            pmap.life.store(super::LIVE, Ordering::SeqCst);
             return Err(PmapError::Busy);
         }
+        pmap.life.store(super::DEAD, Ordering::SeqCst);
         let mut reg = table::lock(&self.registry, &*self.plat);
         if let Some(slot) = reg.get_mut(pmap.id as usize) {
-            *slot = None;
+            if slot
+                .as_ref()
+                .is_some_and(|w| core::ptr::eq(w.as_ptr(), Arc::as_ptr(&pmap)))
+            {
+                *slot = None;
+            }
         }
         drop(reg);
         // The walk caches of CPUs that ran this pmap may still hold its upper tables (with its

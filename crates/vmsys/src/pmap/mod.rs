@@ -21,6 +21,18 @@
 //! | `quick` | per-CPU quick mappings |
 //! | `audit` | the full invariant audit that tests call |
 //!
+//! Lifecycle (PT-7): a pmap is live from `create` until `destroy`, which marks it destroyed
+//! under its lock before freeing anything; every later operation on any handle to it is
+//! `PmapError::Destroyed` (queries answer `None`) and touches no frame. A pmap is usable only
+//! with the `PmapSystem` that created it (`ForeignPmap` otherwise).
+//!
+//! Addresses (PT-8): the format's layout decides what a pmap translates: its own half, plus
+//! the shared kernel half for a user pmap where one root serves both halves. Queries answer
+//! `None` outside it and every operation refuses it; kernel-pmap operations that change
+//! mappings are confined to the kernel's dynamic range (`kva_range`), never the direct map or
+//! the quick-map slots. A range `[sva, eva)` with `eva < sva` is `AddrError::Overflow`; an
+//! empty range is a no-op once its start has passed the same checks.
+//!
 //! Locking: each pmap has a spin lock (held across a whole operation, including its TLB
 //! shootdown); PV lists have a lock per frame, always taken after a pmap lock. Every lock is
 //! acquired with interrupts serviced while spinning, because the holder may be waiting for this
@@ -45,11 +57,11 @@ mod tlb;
 use alloc::collections::BTreeMap;
 use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use vmsys_arch::{CacheMode, FormatId, Prot, Split32};
 
-use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
+use crate::addr::{AddrError, PhysAddr, VirtAddr, PAGE_SIZE};
 use crate::frames::FrameSource;
 use crate::page::PageArray;
 use crate::platform::{CpuId, Platform};
@@ -181,10 +193,26 @@ impl PmapStats {
     }
 }
 
+/// Lifecycle states of a pmap (`Pmap::life`).
+const LIVE: u8 = 0;
+/// `destroy` holds the lock and is checking that no CPU has the pmap loaded; `activate` waits.
+const DYING: u8 = 1;
+/// Destroyed: its tables are freed; every operation refuses it.
+const DEAD: u8 = 2;
+
+/// Tokens that tie a pmap to the `PmapSystem` that created it.
+static NEXT_SYSTEM: AtomicU64 = AtomicU64::new(1);
+
 /// An address space's page tables.
 pub struct Pmap {
     id: u32,
     kernel: bool,
+    /// The token of the `PmapSystem` that created it.
+    owner: u64,
+    /// `LIVE`, `DYING` or `DEAD`; changed only by `destroy`, under the pmap's lock (SeqCst:
+    /// `activate` publishes `active` then reads this; `destroy` writes this then reads
+    /// `active`).
+    life: AtomicU8,
     /// The root table (TTBR0's table for an arm64 user pmap, TTBR1's for the kernel pmap).
     root: PhysAddr,
     /// CPUs on which this pmap is loaded now.
@@ -235,6 +263,10 @@ impl Pmap {
     pub fn tag(&self) -> u16 {
         (self.tag.load(Ordering::Acquire) & 0xffff) as u16
     }
+    /// Whether [`PmapSystem::destroy`] has destroyed this pmap.
+    pub fn is_destroyed(&self) -> bool {
+        self.life.load(Ordering::SeqCst) == DEAD
+    }
     /// 4 KiB pages mapped (a superpage counts as its 4 KiB pages).
     pub fn resident_count(&self) -> u64 {
         self.state.lock().resident
@@ -251,6 +283,7 @@ impl core::fmt::Debug for Pmap {
             .field("id", &self.id)
             .field("kernel", &self.kernel)
             .field("root", &self.root)
+            .field("destroyed", &self.is_destroyed())
             .finish()
     }
 }
@@ -277,6 +310,30 @@ pub struct PmapSystem<P: Platform> {
     /// arm64: an empty TTBR0 table loaded while the kernel pmap is active.
     empty_user_root: Option<PhysAddr>,
     stats: PmapStats,
+    /// This system's token (`Pmap::owner`).
+    token: u64,
+    /// What the MMU translates, from the format's layout.
+    space: VaSpace,
+}
+
+/// The translatable address ranges, from the format's layout (canonical rule and halves),
+/// precomputed so that `extract` pays two compares. All bounds inclusive.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct VaSpace {
+    pub user: (u64, u64),
+    pub kernel: (u64, u64),
+    /// One root translates both halves (not arm64's TTBR pair): a user pmap translates the
+    /// kernel half too, through the kernel's root entries.
+    pub shared_root: bool,
+    /// The kernel's dynamic range, where kernel-pmap operations may change mappings.
+    pub kva: (u64, u64),
+}
+
+impl VaSpace {
+    #[inline]
+    fn within(r: (u64, u64), va: u64) -> bool {
+        va >= r.0 && va <= r.1
+    }
 }
 
 impl<P: Platform> PmapSystem<P> {
@@ -327,6 +384,47 @@ impl<P: Platform> PmapSystem<P> {
         self.page_sizes().position(|s| s == size)
     }
 
+    /// Whether `pmap` is this system's and not destroyed (lock-free; authoritative only under
+    /// the pmap's lock, see [`PmapSystem::lock_live`]).
+    pub(crate) fn usable(&self, pmap: &Pmap) -> Result<(), PmapError> {
+        if pmap.owner != self.token {
+            return Err(PmapError::ForeignPmap);
+        }
+        if pmap.life.load(Ordering::SeqCst) == DEAD {
+            return Err(PmapError::Destroyed);
+        }
+        Ok(())
+    }
+
+    /// Take `pmap`'s lock, refusing a pmap destroyed meanwhile: `destroy` marks it under this
+    /// lock before freeing anything, so a holder that saw it live works on live tables.
+    pub(crate) fn lock_live<'a>(
+        &self,
+        pmap: &'a Pmap,
+    ) -> Result<spin::MutexGuard<'a, PmapState>, PmapError> {
+        let st = table::lock(&pmap.state, &*self.plat);
+        if pmap.life.load(Ordering::SeqCst) == DEAD {
+            return Err(PmapError::Destroyed);
+        }
+        Ok(st)
+    }
+
+    /// Whether the MMU translates `va` through `pmap` (PT-8): canonical, in the pmap's half,
+    /// or in the shared kernel half for a user pmap of a one-root format. Index masking alone
+    /// would turn anything else into the translation of an alias.
+    #[inline]
+    pub(crate) fn translates(&self, pmap: &Pmap, va: u64) -> bool {
+        let s = &self.space;
+        if pmap.owner != self.token {
+            return false;
+        }
+        if pmap.kernel {
+            VaSpace::within(s.kernel, va)
+        } else {
+            VaSpace::within(s.user, va) || (s.shared_root && VaSpace::within(s.kernel, va))
+        }
+    }
+
     fn lookup_pmap(&self, id: u32) -> Option<Arc<Pmap>> {
         if id == self.kernel.id {
             return Some(self.kernel.clone());
@@ -335,7 +433,10 @@ impl<P: Platform> PmapSystem<P> {
         reg.get(id as usize)?.as_ref()?.upgrade()
     }
 
-    /// Checks that `[va, va+len)` is a valid, aligned range of `pmap`'s half.
+    /// Checks that `[va, va+len)` is a valid, aligned range that `pmap`'s operations may
+    /// change: canonical, in the pmap's half, and for the kernel pmap inside the kernel's
+    /// dynamic range (never the direct map or the quick-map slots). `len` 0 is an empty range:
+    /// only its start is checked.
     fn check_range(
         &self,
         pmap: &Pmap,
@@ -344,53 +445,87 @@ impl<P: Platform> PmapSystem<P> {
         align: u64,
     ) -> Result<(), PmapError> {
         va.require_aligned(align)?;
-        if !len.is_multiple_of(align) || len == 0 {
-            return Err(PmapError::Addr(crate::addr::AddrError::Misaligned {
-                addr: len,
+        if !len.is_multiple_of(align) {
+            return Err(PmapError::Addr(AddrError::Misaligned {
+                addr: va.as_u64().wrapping_add(len),
                 align,
             }));
+        }
+        let fmt = self.geom.fmt;
+        let s = &self.space;
+        let (half, allowed) = if pmap.kernel {
+            (s.kernel, s.kva)
+        } else {
+            (s.user, s.user)
+        };
+        let check = |a: u64| -> Result<(), PmapError> {
+            if !fmt.is_canonical(a) {
+                return Err(PmapError::Addr(AddrError::OutOfRange {
+                    addr: a,
+                    limit: half.1,
+                }));
+            }
+            if !VaSpace::within(half, a) {
+                return Err(PmapError::WrongHalf(va));
+            }
+            if !VaSpace::within(allowed, a) {
+                return Err(PmapError::OutsideKva(VirtAddr::new(a)));
+            }
+            Ok(())
+        };
+        check(va.as_u64())?;
+        if len == 0 {
+            return Ok(());
         }
         let last = va
             .as_u64()
             .checked_add(len - 1)
-            .ok_or(PmapError::Addr(crate::addr::AddrError::Overflow))?;
-        let layout = self.geom.fmt.layout(self.cfg.split);
-        let half = if pmap.kernel {
-            &layout.kernel
-        } else {
-            &layout.user
-        };
-        let fmt = self.geom.fmt;
-        if !fmt.is_canonical(va.as_u64()) || !fmt.is_canonical(last) {
-            return Err(PmapError::Addr(crate::addr::AddrError::OutOfRange {
-                addr: va.as_u64(),
-                limit: *half.end(),
-            }));
-        }
-        if !half.contains(&va.as_u64()) || !half.contains(&last) {
-            return Err(PmapError::WrongHalf(va));
-        }
-        Ok(())
+            .ok_or(PmapError::Addr(AddrError::Overflow))?;
+        check(last)
     }
 
-    /// Checks a frame address for a mapping of `size` bytes.
+    /// The length of `[sva, eva)`: `eva < sva` (a wrapped `sva + len`) is `Overflow`.
+    fn range_len(sva: VirtAddr, eva: VirtAddr) -> Result<u64, PmapError> {
+        eva.as_u64()
+            .checked_sub(sva.as_u64())
+            .ok_or(PmapError::Addr(AddrError::Overflow))
+    }
+
+    /// Checks a frame address for a mapping of `size` bytes, aligned to `size`.
     fn check_pa(&self, pa: PhysAddr, size: u64, managed: bool) -> Result<(), PmapError> {
-        pa.require_aligned(size)?;
+        self.check_frames(pa, size, size, managed)
+    }
+
+    /// Checks `[pa, pa + size)` for a mapping: aligned to `align`, below the format's physical
+    /// limit, and for a managed mapping every frame with a page record.
+    fn check_frames(
+        &self,
+        pa: PhysAddr,
+        size: u64,
+        align: u64,
+        managed: bool,
+    ) -> Result<(), PmapError> {
+        pa.require_aligned(align)?;
         let limit = 1u64 << self.geom.fmt.pa_bits;
         if pa.as_u64().checked_add(size).is_none_or(|e| e > limit) {
-            return Err(PmapError::Addr(crate::addr::AddrError::OutOfRange {
+            return Err(PmapError::Addr(AddrError::OutOfRange {
                 addr: pa.as_u64(),
                 limit,
             }));
         }
-        if managed
-            && (self.pages.get(pa).is_none()
-                || self
-                    .pages
-                    .get(PhysAddr::new(pa.as_u64() + size - PAGE_SIZE))
-                    .is_none())
-        {
-            return Err(PmapError::NotManageable);
+        if managed && size > 0 {
+            // Every frame needs a record: records are in address order, so the first and last
+            // frames' indices are `size / PAGE_SIZE - 1` apart exactly when no segment gap lies
+            // between them.
+            let first = self.pages.index_of(pa);
+            let last = self
+                .pages
+                .index_of(PhysAddr::new(pa.as_u64() + size - PAGE_SIZE));
+            match (first, last) {
+                (Some(a), Some(b)) if b.checked_sub(a) == Some((size / PAGE_SIZE - 1) as usize) => {
+                }
+                _ => return Err(PmapError::NotManageable),
+            }
         }
         Ok(())
     }

@@ -1,6 +1,10 @@
 //! Queries and A/D maintenance: `extract`, `is_modified`, `clear_modify`, `ts_referenced`,
 //! `remove_write`, `page_exists_quick`.
 //!
+//! `extract` and `mapping` answer only for addresses the MMU translates through the pmap
+//! (PT-8, from the format's layout: never an alias made by masking each level's index), and
+//! `None` for a destroyed pmap or one of another system (PT-7).
+//!
 //! The page-level ones go through the frame's PV entries: the list is copied under its lock,
 //! then each mapping is re-checked under its pmap's lock (the pmap lock comes first in the lock
 //! order, so it cannot be taken while a PV list lock is held).
@@ -34,9 +38,24 @@ pub struct Mapping {
 
 impl<P: Platform> PmapSystem<P> {
     /// The physical address `va` translates to in `pmap` (FreeBSD `pmap_extract`). Lock-free:
-    /// a walk of atomic loads, as the MMU does.
+    /// a walk of atomic loads, as the MMU does. `None` for an address the MMU cannot translate
+    /// through `pmap` (PT-8: non-canonical, the other half where it has its own root), for a
+    /// pmap of another system, and for a destroyed pmap (PT-7: the state is read before and
+    /// after the walk, so a walk that overlapped a `destroy` is discarded).
     #[inline]
     pub fn extract(&self, pmap: &Pmap, va: VirtAddr) -> Option<PhysAddr> {
+        if !self.translates(pmap, va.as_u64()) || pmap.is_destroyed() {
+            return None;
+        }
+        let r = self.extract_walk(pmap, va);
+        if pmap.is_destroyed() {
+            return None;
+        }
+        r
+    }
+
+    #[inline(always)]
+    fn extract_walk(&self, pmap: &Pmap, va: VirtAddr) -> Option<PhysAddr> {
         // The entry width and the depth decided once, so that the walk below is a fixed-length
         // loop with one kind of load (the compiler unrolls it).
         let g = &self.geom;
@@ -56,11 +75,17 @@ impl<P: Platform> PmapSystem<P> {
         }
     }
 
-    /// The whole mapping at `va`.
+    /// The whole mapping at `va` (`None` where [`PmapSystem::extract`] answers `None`).
     pub fn mapping(&self, pmap: &Pmap, va: VirtAddr) -> Option<Mapping> {
         let g = &self.geom;
         let v = va.as_u64();
+        if !self.translates(pmap, v) || pmap.is_destroyed() {
+            return None;
+        }
         let (_, raw, lvl) = self.leaf_at(pmap, v)?;
+        if pmap.is_destroyed() {
+            return None;
+        }
         let Entry::Leaf {
             pa,
             size,
@@ -96,7 +121,7 @@ impl<P: Platform> PmapSystem<P> {
                 continue;
             };
             let mut st = table::lock(&pmap.state, &*self.plat);
-            if !self.pv_list(head).contains(&e) {
+            if pmap.is_destroyed() || !self.pv_list(head).contains(&e) {
                 continue;
             }
             let level = e.level as usize;
@@ -224,6 +249,10 @@ impl<P: Platform> PmapSystem<P> {
     /// Whether `pmap` maps `pa` among the first 16 mappings of the frame (FreeBSD
     /// `pmap_page_exists_quick`).
     pub fn page_exists_quick(&self, pmap: &Pmap, pa: PhysAddr) -> bool {
+        // A destroyed pmap's id may name a live one now.
+        if self.usable(pmap).is_err() {
+            return false;
+        }
         self.all_mappings(pa.as_u64() & !(PAGE_SIZE - 1))
             .iter()
             .take(16)

@@ -1,5 +1,9 @@
 //! Removing and restricting mappings: `remove`, `remove_all`, `protect`, `unwire`.
 //!
+//! Ranges `[sva, eva)` are checked as every range of the pmap is (PT-8): `eva < sva` is
+//! `AddrError::Overflow`, both ends page-aligned, inside the pmap's half (the kernel's dynamic
+//! range for the kernel pmap); `sva == eva` is an empty range, a no-op after those checks.
+//!
 //! Ranges are walked with a cursor that visits each table once: a run of last-level entries is
 //! read and written with one batched platform call, and a superpage is removed whole when the
 //! range covers it or demoted first when it does not.
@@ -290,12 +294,13 @@ impl<P: Platform> PmapSystem<P> {
 
     /// Remove every mapping of `[sva, eva)` from `pmap` (FreeBSD `pmap_remove`).
     pub fn remove(&self, pmap: &Pmap, sva: VirtAddr, eva: VirtAddr) -> Result<(), PmapError> {
-        let len = eva.as_u64().saturating_sub(sva.as_u64());
+        self.usable(pmap)?;
+        let len = Self::range_len(sva, eva)?;
+        self.check_range(pmap, sva, len, PAGE_SIZE)?;
         if len == 0 {
             return Ok(());
         }
-        self.check_range(pmap, sva, len, PAGE_SIZE)?;
-        let mut st = table::lock(&pmap.state, &*self.plat);
+        let mut st = self.lock_live(pmap)?;
         let mut flush = Flush::new();
         self.plat.pt_update_begin(sva, eva);
         let r = self.remove_locked(pmap, &mut st, sva.as_u64(), eva.as_u64(), &mut flush);
@@ -315,6 +320,12 @@ impl<P: Platform> PmapSystem<P> {
                 continue;
             };
             let mut st = table::lock(&pmap.state, &*self.plat);
+            if pmap.is_destroyed() {
+                // A destroyed pmap was empty: an entry naming it is stale, not a mapping.
+                drop(st);
+                self.pv_remove(head, e);
+                continue;
+            }
             let mut flush = Flush::new();
             let size = self.geom.levels[e.level as usize].span;
             let va = if e.level as usize == self.geom.last() {
@@ -403,17 +414,18 @@ impl<P: Platform> PmapSystem<P> {
         eva: VirtAddr,
         prot: Prot,
     ) -> Result<(), PmapError> {
-        let len = eva.as_u64().saturating_sub(sva.as_u64());
+        self.usable(pmap)?;
+        let len = Self::range_len(sva, eva)?;
+        self.check_range(pmap, sva, len, PAGE_SIZE)?;
         if len == 0 {
             return Ok(());
         }
-        self.check_range(pmap, sva, len, PAGE_SIZE)?;
         let g = &self.geom;
         let remove = (Prot::WRITE | Prot::EXEC) - prot;
         if remove.is_empty() {
             return Ok(());
         }
-        let mut st = table::lock(&pmap.state, &*self.plat);
+        let mut st = self.lock_live(pmap)?;
         let mut flush = Flush::new();
         self.plat.pt_update_begin(sva, eva);
         let (sva, eva) = (sva.as_u64(), eva.as_u64());
@@ -496,13 +508,14 @@ impl<P: Platform> PmapSystem<P> {
     /// changes. A superpage that the range covers only in part is demoted; if that cannot
     /// allocate, `ResourceShortage`, and the superpage stays whole and wired.
     pub fn unwire(&self, pmap: &Pmap, sva: VirtAddr, eva: VirtAddr) -> Result<(), PmapError> {
-        let len = eva.as_u64().saturating_sub(sva.as_u64());
+        self.usable(pmap)?;
+        let len = Self::range_len(sva, eva)?;
+        self.check_range(pmap, sva, len, PAGE_SIZE)?;
         if len == 0 {
             return Ok(());
         }
-        self.check_range(pmap, sva, len, PAGE_SIZE)?;
         let g = &self.geom;
-        let mut st = table::lock(&pmap.state, &*self.plat);
+        let mut st = self.lock_live(pmap)?;
         let (s, e) = (sva.as_u64(), eva.as_u64());
         // Pass 1: check, and demote the superpages cut by the range's ends.
         let mut flush = Flush::new();

@@ -23,7 +23,7 @@ use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
 use crate::page::page_flags;
 use crate::platform::{CpuId, CpuSet, IpiMessage, Platform, RootLoad, TagSel, TlbInval, MAX_CPUS};
 
-use super::{table, Pmap, PmapStats, PmapSystem};
+use super::{table, Pmap, PmapError, PmapStats, PmapSystem};
 
 /// An atomic set of CPUs.
 #[derive(Default)]
@@ -243,18 +243,54 @@ impl<P: Platform> PmapSystem<P> {
         self.cfg.use_tags && !matches!(self.geom.fmt.tlb.tag, TlbTag::None)
     }
 
-    /// Make `pmap` the address space of the current CPU (FreeBSD `pmap_activate`).
-    pub fn activate(&self, pmap: &Arc<Pmap>) {
+    /// Make `pmap` the address space of the current CPU (FreeBSD `pmap_activate`). A pmap of
+    /// another system is `ForeignPmap`, and a destroyed one `Destroyed`: its root is never
+    /// loaded. If a `destroy` on another CPU wins the race, the CPU is left on the kernel pmap.
+    pub fn activate(&self, pmap: &Arc<Pmap>) -> Result<(), PmapError> {
+        self.usable(pmap)?;
+        if self.activate_inner(pmap) {
+            return Ok(());
+        }
+        let k = self.kernel.clone();
+        let loaded = self.activate_inner(&k);
+        debug_assert!(loaded, "the kernel pmap is never destroyed");
+        Err(PmapError::Destroyed)
+    }
+
+    /// Load `pmap` here unless it is being destroyed (then nothing changes and `false`).
+    pub(crate) fn activate_inner(&self, pmap: &Arc<Pmap>) -> bool {
         let plat = &*self.plat;
         let me = plat.current_cpu();
         let local = &self.cpus[me as usize];
+        // Dekker with `destroy`: publish this CPU in `active` (SeqCst), then read the state;
+        // `destroy` writes DYING, then reads `active`. A DYING pmap is waited out: `destroy`
+        // decides at once, under the pmap's lock, without waiting for anything.
+        let was_active = pmap.active.contains(me);
+        pmap.active.insert(me);
+        loop {
+            match pmap.life.load(Ordering::SeqCst) {
+                super::LIVE => break,
+                super::DYING => {
+                    plat.interrupt_point();
+                    core::hint::spin_loop();
+                }
+                _ => {
+                    if !was_active {
+                        pmap.active.remove(me);
+                    }
+                    // Whatever of it this CPU still caches goes too (the destroyer may have
+                    // missed this CPU while it was not in `active`).
+                    plat.tlb_invalidate_local(TlbInval::AllNonGlobal);
+                    return false;
+                }
+            }
+        }
         let prev = local.current.swap(pmap.id, Ordering::SeqCst);
         if prev != pmap.id && prev != u32::MAX {
             if let Some(p) = self.lookup_pmap(prev) {
                 p.active.remove(me);
             }
         }
-        pmap.active.insert(me);
         pmap.tlb_cpus.insert(me);
         // Dekker with `shootdown`: we publish `active` before reading `stale_on`; it publishes
         // `stale_on` before reading `active` (both SeqCst).
@@ -283,6 +319,7 @@ impl<P: Platform> PmapSystem<P> {
             .loaded_tag
             .store(pmap.tag.load(Ordering::SeqCst), Ordering::SeqCst);
         plat.load_root(RootLoad { root, tag, flush });
+        true
     }
 
     /// The tag of `pmap` in the current generation, assigning one if needed; `true` if the tag
