@@ -30,7 +30,7 @@ fn main() {
     for c in 0..4 {
         m.run_on(c, |_| {
             sys.init_cpu();
-            sys.activate(&p);
+            sys.activate(&p).expect("activate");
         });
     }
     let a = buddy.alloc(0, 0).expect("frame");

@@ -144,7 +144,7 @@ fn sim_ad_lines() -> Vec<String> {
     m.run_on(0, |cpu| {
         sys.init_cpu();
         let p = sys.create().expect("create");
-        sys.activate(&p);
+        sys.activate(&p).expect("activate");
         let pa = buddy.alloc(0, 0).expect("a frame");
         ad::run(
             &sys,

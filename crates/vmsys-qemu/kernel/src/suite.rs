@@ -46,7 +46,9 @@ impl Ctx<'_> {
         let t = crate::cpu::rdtsc();
         let mut r = f(self);
         // Back to the kernel pmap whatever the test left loaded.
-        self.sys.activate(self.sys.kernel_pmap());
+        self.sys
+            .activate(self.sys.kernel_pmap())
+            .expect("the kernel pmap activates");
         if r.is_ok() {
             if let Err(e) = self.sys.audit() {
                 r = Err(format!("audit after the test: {e:?}"));
@@ -128,7 +130,7 @@ fn page_size_cycle(c: &Ctx, psind: usize, order: usize, unmanaged_pa: Option<u64
     let sys = c.sys;
     let size = PAGE_SIZE << order;
     let p = sys.create().map_err(e("create"))?;
-    sys.activate(&p);
+    sys.activate(&p).map_err(e("activate"))?;
     let (pa, owned) = match unmanaged_pa {
         Some(pa) => (PhysAddr::new(pa), false),
         None => (c.frames(order)?, true),
@@ -196,7 +198,7 @@ fn page_size_cycle(c: &Ctx, psind: usize, order: usize, unmanaged_pa: Option<u64
     })();
     sys.remove(&p, VirtAddr::new(va), VirtAddr::new(va + size))
         .ok();
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.destroy(p).map_err(e("destroy"))?;
     if owned {
         c.free(pa, order);
@@ -207,7 +209,7 @@ fn page_size_cycle(c: &Ctx, psind: usize, order: usize, unmanaged_pa: Option<u64
 fn promotion_and_demotion(c: &Ctx) -> R {
     let sys = c.sys;
     let p = sys.create().map_err(e("create"))?;
-    sys.activate(&p);
+    sys.activate(&p).map_err(e("activate"))?;
     let pa = c.frames(9)?;
     let va = UVA + 2 * GB1;
     let before = sys.stats();
@@ -265,7 +267,7 @@ fn promotion_and_demotion(c: &Ctx) -> R {
     sys.remove(&p, VirtAddr::new(va), VirtAddr::new(va + MB2))
         .map_err(e("remove"))?;
     expect_fault(va, false, not_present)?;
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.destroy(p).map_err(e("destroy"))?;
     c.free(pa, 9);
     r
@@ -274,7 +276,7 @@ fn promotion_and_demotion(c: &Ctx) -> R {
 fn range_map_unmap(c: &Ctx) -> R {
     let sys = c.sys;
     let p = sys.create().map_err(e("create"))?;
-    sys.activate(&p);
+    sys.activate(&p).map_err(e("activate"))?;
     let pa = c.frames(6)?;
     let len = 64 * PAGE_SIZE;
     // Across a 2 MiB boundary, so that two last-level tables are filled by the cursor.
@@ -302,7 +304,7 @@ fn range_map_unmap(c: &Ctx) -> R {
         }
         Ok(())
     })();
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.destroy(p).map_err(e("destroy"))?;
     c.free(pa, 6);
     r
@@ -329,17 +331,17 @@ fn growkernel_everywhere(c: &Ctx) -> R {
         let cpu = 1 + (i as u32 % (n - 1).max(1));
         let (s, b) = (sys.clone(), bad.clone());
         tickets.push(crate::smp::spawn(cpu, move || {
-            s.activate(&p);
+            s.activate(&p).expect("activate");
             if read64(va) != Ok(want) {
                 b.fetch_add(1, Ordering::SeqCst);
             }
-            s.activate(s.kernel_pmap());
+            s.activate(s.kernel_pmap()).expect("activate");
         }));
     }
     tickets.into_iter().for_each(crate::smp::wait);
-    sys.activate(&new);
+    sys.activate(&new).map_err(e("activate"))?;
     expect_word(va, want)?;
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.kremove(VirtAddr::new(va)).map_err(e("kremove"))?;
     expect_fault(va, false, not_present)?;
     sys.destroy(old).map_err(e("destroy"))?;
@@ -410,7 +412,7 @@ fn copy_to_child(c: &Ctx) -> R {
         let n = sys
             .copy(&dst, &src, VirtAddr::new(va), len)
             .map_err(e("copy"))?;
-        sys.activate(&dst);
+        sys.activate(&dst).map_err(e("activate"))?;
         // What copy did not copy must not be readable; what it did must be the same frames.
         for i in 0..8 {
             let v = va + i * PAGE_SIZE;
@@ -426,7 +428,7 @@ fn copy_to_child(c: &Ctx) -> R {
         }
         Ok(())
     })();
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.remove(&src, VirtAddr::new(va), VirtAddr::new(va + len))
         .map_err(e("remove"))?;
     sys.remove(&dst, VirtAddr::new(va), VirtAddr::new(va + len))
@@ -463,7 +465,7 @@ fn readers_during(
     for cpu in 1..n {
         let (s, p) = (sys.clone(), pmap.clone());
         tickets.push(crate::smp::spawn(cpu, move || {
-            s.activate(&p);
+            s.activate(&p).expect("activate");
             while STOP.load(Ordering::SeqCst) == 0 {
                 let g = GEN.load(Ordering::SeqCst);
                 let v = read64(va);
@@ -476,7 +478,7 @@ fn readers_during(
                 // Where a shootdown is taken (and acknowledged).
                 s.platform().interrupt_point();
             }
-            s.activate(s.kernel_pmap());
+            s.activate(s.kernel_pmap()).expect("activate");
         }));
     }
     // Let every reader cache the translation.
@@ -511,7 +513,7 @@ fn cross_cpu(c: &Ctx, change: bool) -> R {
         0,
     )
     .map_err(e("enter"))?;
-    sys.activate(&p);
+    sys.activate(&p).map_err(e("activate"))?;
     let r = readers_during(c, &p, va, pattern(old.as_u64()), || {
         if change {
             sys.enter(
@@ -528,7 +530,7 @@ fn cross_cpu(c: &Ctx, change: bool) -> R {
                 .map_err(e("remove"))
         }
     });
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.remove(&p, VirtAddr::new(va), VirtAddr::new(va + PAGE_SIZE))
         .map_err(e("remove"))?;
     sys.destroy(p).map_err(e("destroy"))?;
@@ -554,7 +556,7 @@ fn shootdown_timing(c: &Ctx) -> R {
     let a = c.frames(0)?;
     let b = c.frames(0)?;
     let va = UVA + 6 * GB1;
-    sys.activate(&p);
+    sys.activate(&p).map_err(e("activate"))?;
     let before = sys.stats().shootdowns;
     let mut cycles = 0;
     const N: u64 = 50;
@@ -575,7 +577,7 @@ fn shootdown_timing(c: &Ctx) -> R {
         cycles = crate::cpu::rdtsc() - t;
         Ok(())
     });
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.remove(&p, VirtAddr::new(va), VirtAddr::new(va + PAGE_SIZE))
         .map_err(e("remove"))?;
     sys.destroy(p).map_err(e("destroy"))?;
@@ -612,7 +614,7 @@ impl crate::ad::Mmu for RealMmu {
 fn accessed_dirty_sequence(c: &Ctx) -> R {
     let sys = c.sys;
     let p = sys.create().map_err(e("create"))?;
-    sys.activate(&p);
+    sys.activate(&p).map_err(e("activate"))?;
     let pa = c.frames(0)?;
     let mut i = 0;
     let r = crate::ad::run(sys, &p, UVA + 7 * GB1, pa, &RealMmu, &mut |s| {
@@ -620,7 +622,7 @@ fn accessed_dirty_sequence(c: &Ctx) -> R {
         i += 1;
     })
     .map_err(e("sequence"));
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.remove(
         &p,
         VirtAddr::new(UVA + 7 * GB1),
@@ -641,10 +643,12 @@ fn shootdown_timing_idle_targets(c: &Ctx) -> R {
     let a = c.frames(0)?;
     let b = c.frames(0)?;
     let va = UVA + 8 * GB1;
-    sys.activate(&p);
+    sys.activate(&p).map_err(e("activate"))?;
     for cpu in 1..n {
         let (s, q) = (sys.clone(), p.clone());
-        crate::smp::wait(crate::smp::spawn(cpu, move || s.activate(&q)));
+        crate::smp::wait(crate::smp::spawn(cpu, move || {
+            s.activate(&q).expect("activate")
+        }));
     }
     let before = sys.stats().shootdowns;
     const N: u64 = 1000;
@@ -668,9 +672,11 @@ fn shootdown_timing_idle_targets(c: &Ctx) -> R {
     let shots = sys.stats().shootdowns - before;
     for cpu in 1..n {
         let s = sys.clone();
-        crate::smp::wait(crate::smp::spawn(cpu, move || s.activate(s.kernel_pmap())));
+        crate::smp::wait(crate::smp::spawn(cpu, move || {
+            s.activate(s.kernel_pmap()).expect("activate")
+        }));
     }
-    sys.activate(sys.kernel_pmap());
+    sys.activate(sys.kernel_pmap()).map_err(e("activate"))?;
     sys.remove(&p, VirtAddr::new(va), VirtAddr::new(va + PAGE_SIZE))
         .map_err(e("remove"))?;
     sys.destroy(p).map_err(e("destroy"))?;
