@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::addr::{AddrError, VirtAddr};
+use crate::addr::{AddrError, PhysAddr, VirtAddr};
 
 /// Why a pmap operation did not do what was asked. The distinctions are those the callers act
 /// on (FreeBSD's `KERN_*` results of `pmap_enter`, plus input errors).
@@ -32,6 +32,21 @@ pub enum PmapError {
     Busy,
     /// The kernel address space cannot grow that far.
     KvaExhausted,
+    /// A quick-map slot of this CPU is already held: quick mappings do not nest (seed 001).
+    QuickMapBusy { cpu: u32, slot: u8 },
+    /// `quick_remove_*` of an address that is not a live quick mapping of the current CPU made
+    /// by that call's kind (removed twice, removed on another CPU, or never returned).
+    QuickMapNotHeld(VirtAddr),
+    /// A frame the machine does not have (no page record).
+    NoSuchFrame(PhysAddr),
+    /// A kernel-entry operation (`kenter`, `kremove`, `qenter`, `qremove`) whose range meets
+    /// the direct map.
+    DirectMap(VirtAddr),
+    /// A kernel-entry operation outside the kernel's dynamic range (`kva_range`): the
+    /// quick-map slots or the rest of the kernel half.
+    OutsideKva(VirtAddr),
+    /// A kernel-entry operation over a managed mapping (`enter`'s; `remove` undoes it).
+    ManagedMapping(VirtAddr),
 }
 
 impl From<AddrError> for PmapError {
@@ -61,6 +76,28 @@ impl fmt::Display for PmapError {
             PmapError::NotManageable => write!(f, "managed mapping of a frame without a page"),
             PmapError::Busy => write!(f, "the pmap still has mappings or is active"),
             PmapError::KvaExhausted => write!(f, "kernel address space exhausted"),
+            PmapError::QuickMapBusy { cpu, slot } => write!(
+                f,
+                "quick-map slot {slot} of cpu {cpu} is in use: quick mappings do not nest"
+            ),
+            PmapError::QuickMapNotHeld(va) => {
+                write!(f, "{va} is not a live quick mapping of this cpu")
+            }
+            PmapError::NoSuchFrame(pa) => {
+                write!(f, "{pa} is not a frame of this machine (no page record)")
+            }
+            PmapError::DirectMap(va) => write!(
+                f,
+                "{va}: kernel-entry operations may not touch the direct map"
+            ),
+            PmapError::OutsideKva(va) => write!(
+                f,
+                "{va} is outside the kernel's dynamic address range (kva_range)"
+            ),
+            PmapError::ManagedMapping(va) => write!(
+                f,
+                "a managed mapping is at {va}: kernel-entry operations leave it to enter/remove"
+            ),
         }
     }
 }
