@@ -88,16 +88,21 @@ impl<P: Platform> PmapSystem<P> {
         }))
     }
 
-    /// Take `slot` of `cpu` for `va` (`tag`: 0 or [`GUARD`]); busy is an error.
+    /// Take `slot` of `cpu` for `va` (`tag`: 0 or [`GUARD`]); busy is an error. Only `cpu`
+    /// itself touches its slots, and an interrupt handler there releases what it takes before
+    /// returning, so a plain load and store suffice (a locked compare-exchange cost more than
+    /// the rest of the direct-map path together).
     #[inline]
     fn quick_claim(&self, cpu: usize, slot: usize, va: u64, tag: u64) -> Result<(), PmapError> {
-        self.cpus[cpu].quick_held[slot]
-            .compare_exchange(0, va | tag, Ordering::Relaxed, Ordering::Relaxed)
-            .map(|_| ())
-            .map_err(|_| PmapError::QuickMapBusy {
+        let held = &self.cpus[cpu].quick_held[slot];
+        if held.load(Ordering::Relaxed) != 0 {
+            return Err(PmapError::QuickMapBusy {
                 cpu: cpu as u32,
                 slot: slot as u8,
-            })
+            });
+        }
+        held.store(va | tag, Ordering::Relaxed);
+        Ok(())
     }
 
     fn quick_slot_entry(&self, va: u64) -> u64 {
