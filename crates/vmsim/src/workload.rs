@@ -1670,7 +1670,13 @@ impl CpuRun<'_, '_> {
             })
             .filter(|_| self.rng.gen_bool(0.5));
         let pa = own.unwrap_or(self.scratch);
-        let va = self.sys().quick_enter_page(PhysAddr::new(pa)).as_u64();
+        let va = match self.sys().quick_enter_page(PhysAddr::new(pa)) {
+            Ok(va) => va.as_u64(),
+            Err(e) => {
+                self.err(|| format!("quick map of {pa:#x}: {e}"));
+                return true;
+            }
+        };
         self.st.owner_checks += 1;
         if own.is_some() {
             let want = self.frames[&pa].tag;
@@ -1689,7 +1695,9 @@ impl CpuRun<'_, '_> {
                 self.err(|| format!("quick map of {pa:#x} at {va:#x}: the write missed the frame"));
             }
         }
-        self.sys().quick_remove_page(VirtAddr::new(va));
+        if let Err(e) = self.sys().quick_remove_page(VirtAddr::new(va)) {
+            self.err(|| format!("quick unmap of {pa:#x} at {va:#x}: {e}"));
+        }
         let direct = self.sys().direct_map().is_some_and(|(_, size)| pa < size);
         if !direct {
             if let Ok(v) = c.read_u64(va) {

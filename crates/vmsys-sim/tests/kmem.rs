@@ -359,7 +359,7 @@ fn seed000_scenario(layout: KvaLayout) -> (KEnv, bool) {
             e.kmem.kmem_free(b, PAGE).unwrap();
             e.kmem.kmem_free(a, sp - 2 * PAGE).unwrap();
         } else {
-            // qremove would now meet a superpage (a debug assertion): leave it mapped.
+            // qremove would now meet a superpage (refused, ExistingSuperpage): leave it mapped.
             std::mem::forget(t);
         }
         swallowed
@@ -421,9 +421,9 @@ fn churn(f: FormatId) {
                                 e.kmem.kva_free(va, n * PAGE).unwrap();
                             }
                             _ => {
-                                let va = e.pmap.quick_enter_page(highs[cpu as usize]);
+                                let va = e.pmap.quick_enter_page(highs[cpu as usize]).unwrap();
                                 c.write_u64(va.as_u64() + 24, step).unwrap();
-                                e.pmap.quick_remove_page(va);
+                                e.pmap.quick_remove_page(va).unwrap();
                             }
                         }
                     }

@@ -654,7 +654,8 @@ fn reverse_map_operations(f: FormatId) {
 
 /// Seed 000: a qenter'd entry inside a region that would promote. Where the format has a
 /// no-promote bit, promotion refuses the region; where it has none (i386, PAE), promotion
-/// happens and qremove asserts, rather than writing through the superpage.
+/// happens and qremove is refused (`ExistingSuperpage`, in every build), rather than demoting
+/// or writing through the superpage.
 fn seed000_qenter_in_promotable_region(f: FormatId) {
     let e = env(f, 2);
     let s = sp(&e);
@@ -688,30 +689,29 @@ fn seed000_qenter_in_promotable_region(f: FormatId) {
         } else {
             assert_eq!(promoted, 1, "without a no-promote bit the region promotes");
         }
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            e.sys.qremove(va(v + q * PAGE), 1)
-        }))
+        e.sys.qremove(va(v + q * PAGE), 1)
     });
-    match (has_bit, result) {
-        (true, Ok(r)) => r.unwrap(),
-        (false, Err(_)) if cfg!(debug_assertions) => {}
-        (false, Ok(r)) if !cfg!(debug_assertions) => r.unwrap(),
-        (b, r) => panic!("has_bit {b}: unexpected {:?}", r.map(|_| ())),
-    }
     if has_bit {
+        result.unwrap();
         e.m.run_on(0, |cpu| {
             assert!(
                 cpu.read_u64(v + q * PAGE).is_err(),
                 "qremove unmapped the page"
             );
-            e.sys.remove(&k, va(v), va(v + s)).unwrap();
         });
-        e.audit();
+    } else {
+        // Refused in every build: the superpage is neither demoted nor written through.
+        assert_eq!(result, Err(PmapError::ExistingSuperpage(va(v + q * PAGE))));
+        e.m.run_on(0, |cpu| assert_eq!(cpu.read_u64(v + q * PAGE), Ok(9)));
+        assert_eq!(e.sys.stats().demotions, 0);
     }
+    e.m.run_on(0, |_| e.sys.remove(&k, va(v), va(v + s)).unwrap());
+    e.audit();
 }
 
 /// Seed 001: quick mappings pass through the direct map where there is one, use the CPU's slot
-/// otherwise, and do not nest.
+/// otherwise, and do not nest: in every build, a nested quick map is an error that leaves the
+/// held mapping intact.
 fn seed001_quick_mappings(f: FormatId) {
     let e = env(f, 2);
     let low = frame(PAGE, 1); // inside the direct map (if any)
@@ -719,37 +719,38 @@ fn seed001_quick_mappings(f: FormatId) {
     e.m.run_on(1, |cpu| {
         e.m.mem().store_u64(low, 0x1111);
         e.m.mem().store_u64(high, 0x2222);
-        let a = e.sys.quick_enter_page(pa(low));
+        e.m.mem().store_u64(high + PAGE, 0x3333);
+        let a = e.sys.quick_enter_page(pa(low)).unwrap();
         if let Some((base, _)) = e.sys.direct_map() {
             assert_eq!(a.as_u64(), base.as_u64() + low, "direct-map pass-through");
         }
         assert_eq!(cpu.read_u64(a.as_u64()).unwrap(), 0x1111);
-        e.sys.quick_remove_page(a);
-        let b = e.sys.quick_enter_page(pa(high + 8));
-        assert_eq!(b.as_u64() % PAGE, 8);
-        assert_eq!(cpu.read_u64(b.as_u64() - 8).unwrap(), 0x2222);
-        let nested = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            e.sys.quick_enter_page(pa(high + PAGE))
-        }));
-        if cfg!(debug_assertions) {
-            assert!(nested.is_err(), "nesting asserts");
-        }
-        e.sys.quick_remove_page(b);
+        e.sys.quick_remove_page(a).unwrap();
+        let b = e.sys.quick_enter_page(pa(high)).unwrap();
+        assert_eq!(cpu.read_u64(b.as_u64()).unwrap(), 0x2222);
+        assert!(matches!(
+            e.sys.quick_enter_page(pa(high + PAGE)),
+            Err(PmapError::QuickMapBusy { cpu: 1, slot: 0 })
+        ));
+        assert_eq!(
+            cpu.read_u64(b.as_u64()).unwrap(),
+            0x2222,
+            "the refused nested map left the held one as it was"
+        );
+        e.sys.quick_remove_page(b).unwrap();
         assert!(
             cpu.read_u64(b.as_u64()).is_err(),
             "slot unmapped and invalidated locally"
         );
         // Two slots for a copy.
-        let (s, d) = e.sys.quick_enter_pair(pa(high), pa(high + PAGE));
+        let (s, d) = e.sys.quick_enter_pair(pa(high), pa(high + PAGE)).unwrap();
         let x = cpu.read_u64(s.as_u64()).unwrap();
         cpu.write_u64(d.as_u64(), x).unwrap();
-        e.sys.quick_remove_pair(s, d);
+        e.sys.quick_remove_pair(s, d).unwrap();
     });
     e.m.run_on(1, |_| {
-        // The busy flag left by the asserting nested call (debug) is cleared by the remove
-        // above; a new enter works.
-        let c = e.sys.quick_enter_page(pa(high));
-        e.sys.quick_remove_page(c);
+        let c = e.sys.quick_enter_page(pa(high)).unwrap();
+        e.sys.quick_remove_page(c).unwrap();
     });
     assert_eq!(e.m.mem().load_u64(high + PAGE), 0x2222);
     e.audit();

@@ -334,10 +334,10 @@ fn run_cpu(
             // A quick mapping of one of my frames.
             91..=94 => {
                 let frame = PhysAddr::new(shared_frame(cpu, cpu as u64, 1) + 8 * PAGE);
-                let va = e.sys.quick_enter_page(frame);
+                let va = e.sys.quick_enter_page(frame).unwrap();
                 c.write_u64(va.as_u64() + 8, step as u64).unwrap();
                 assert_eq!(c.read_u64(va.as_u64() + 8), Ok(step as u64));
-                e.sys.quick_remove_page(va);
+                e.sys.quick_remove_page(va).unwrap();
             }
             // Fork the shared region: my unwired pages must appear in the child, read-only.
             _ => {
@@ -382,9 +382,9 @@ fn remap_under_readers(f: FormatId) {
     let frames = [shared_frame(0, 0, 0), shared_frame(0, 0, 1)];
     e.m.run_on(0, |c| {
         for (i, &fr) in frames.iter().enumerate() {
-            let va = e.sys.quick_enter_page(PhysAddr::new(fr));
+            let va = e.sys.quick_enter_page(PhysAddr::new(fr)).unwrap();
             c.write_u64(va.as_u64(), 0x7a90 + i as u64).unwrap();
-            e.sys.quick_remove_page(va);
+            e.sys.quick_remove_page(va).unwrap();
         }
     });
     let rounds = 300;

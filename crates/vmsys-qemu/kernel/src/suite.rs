@@ -374,18 +374,37 @@ fn qenter_and_quick_maps(c: &Ctx) -> R {
         }
         sys.qremove(VirtAddr::new(va), 4).map_err(e("qremove"))?;
         expect_fault(va, false, not_present)?;
-        let q = sys.quick_enter_page(pages[2]);
+        let q = sys
+            .quick_enter_page(pages[2])
+            .map_err(e("quick_enter_page"))?;
         let r = expect_word(q.as_u64(), pattern(pages[2].as_u64()));
-        sys.quick_remove_page(q);
+        sys.quick_remove_page(q).map_err(e("quick_remove_page"))?;
         r?;
-        let q2 = sys.quick_enter_page(pages[3]);
+        let q2 = sys
+            .quick_enter_page(pages[3])
+            .map_err(e("quick_enter_page"))?;
         let r = expect_word(q2.as_u64(), pattern(pages[3].as_u64()));
-        sys.quick_remove_page(q2);
+        sys.quick_remove_page(q2).map_err(e("quick_remove_page"))?;
         r?;
-        let (s, d) = sys.quick_enter_pair(pages[0], pages[1]);
+        // Nesting is refused on the real machine too, and leaves the held slot intact.
+        let held = sys
+            .quick_enter_page(pages[2])
+            .map_err(e("quick_enter_page"))?;
+        let nested = sys.quick_enter_page(pages[3]);
+        let r = expect_word(held.as_u64(), pattern(pages[2].as_u64()));
+        sys.quick_remove_page(held)
+            .map_err(e("quick_remove_page"))?;
+        if nested.is_ok() {
+            return Err(String::from("a nested quick map was allowed"));
+        }
+        r?;
+        let (s, d) = sys
+            .quick_enter_pair(pages[0], pages[1])
+            .map_err(e("quick_enter_pair"))?;
         let r = expect_word(s.as_u64(), pattern(pages[0].as_u64()))
             .and_then(|_| expect_word(d.as_u64(), pattern(pages[1].as_u64())));
-        sys.quick_remove_pair(s, d);
+        sys.quick_remove_pair(s, d)
+            .map_err(e("quick_remove_pair"))?;
         r
     })();
     c.free(pa, 2);

@@ -570,31 +570,34 @@ impl<P: Platform + 'static> Kmem<P> {
         Ok(())
     }
 
-    /// Run `f` on the kernel address of `pa`: the direct map, or a quick mapping held around
-    /// `f` (the pmap's quick map passes direct-map pages through).
+    /// Run `f` on the kernel address of the page-aligned frame `pa`: the direct map, or a
+    /// quick mapping held around `f` and released on every path (the guard drops). A misaligned
+    /// `pa` or a frame the machine does not have is refused by the pmap before anything is
+    /// mapped (`KmemError::Pmap`), so no whole-page operation can spill past the frame.
     fn through_quick_map<R>(
         &self,
         pa: PhysAddr,
         f: impl FnOnce(VirtAddr) -> Result<R, Fault>,
     ) -> Result<R, KmemError> {
-        let va = self.sys.quick_enter_page(pa);
-        let r = f(va);
-        self.sys.quick_remove_page(va);
+        let q = self.sys.quick_page(pa)?;
+        let r = f(q.va());
+        drop(q);
         r.map_err(KmemError::Fault)
     }
 
-    /// Zero a physical page through the direct map, or a quick mapping where the page lies
-    /// outside it.
+    /// Zero the physical page at the page-aligned `pa` through the direct map, or a quick
+    /// mapping where the page lies outside it.
     pub fn zero_page(&self, pa: PhysAddr) -> Result<(), KmemError> {
         self.stats.pages_zeroed.fetch_add(1, Ordering::Relaxed);
         self.through_quick_map(pa, |va| self.plat().kernel_zero(va, PAGE_SIZE))
     }
 
-    /// Copy a physical page to another (through the direct map or the two quick slots).
+    /// Copy a physical page to another (through the direct map or the two quick slots); both
+    /// must be page-aligned frames of the machine.
     pub fn copy_page(&self, src: PhysAddr, dst: PhysAddr) -> Result<(), KmemError> {
-        let (s, d) = self.sys.quick_enter_pair(src, dst);
-        let r = self.plat().kernel_copy(s, d, PAGE_SIZE);
-        self.sys.quick_remove_pair(s, d);
+        let (s, d) = self.sys.quick_pair(src, dst)?;
+        let r = self.plat().kernel_copy(s.va(), d.va(), PAGE_SIZE);
+        drop((s, d));
         r.map_err(KmemError::Fault)
     }
 
@@ -609,7 +612,8 @@ impl<P: Platform + 'static> Kmem<P> {
         Ok(())
     }
 
-    /// Bounce-buffer copy (busdma style): `data` into the physical page `pa` at `off`.
+    /// Bounce-buffer copy (busdma style): `data` into the physical page `pa` (page-aligned) at
+    /// `off`.
     pub fn bounce_to_phys(&self, pa: PhysAddr, off: u64, data: &[u8]) -> Result<(), KmemError> {
         self.start_bounce(off, data.len())?;
         self.through_quick_map(pa, |va| {
@@ -618,7 +622,7 @@ impl<P: Platform + 'static> Kmem<P> {
         })
     }
 
-    /// Bounce-buffer copy: bytes of the physical page `pa` from `off` into `buf`.
+    /// Bounce-buffer copy: bytes of the physical page `pa` (page-aligned) from `off` into `buf`.
     pub fn bounce_from_phys(
         &self,
         pa: PhysAddr,

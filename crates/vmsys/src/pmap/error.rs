@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::addr::{AddrError, VirtAddr};
+use crate::addr::{AddrError, PhysAddr, VirtAddr};
 
 /// Why a pmap operation did not do what was asked. The distinctions are those the callers act
 /// on (FreeBSD's `KERN_*` results of `pmap_enter`, plus input errors).
@@ -41,10 +41,23 @@ pub enum PmapError {
     /// `copy` from a pmap into itself.
     SamePmap,
     /// A kernel address outside the kernel's dynamic range (`kva_range`): the direct map, the
-    /// quick-map slots or an unused part of the kernel half, which only the pmap maps.
+    /// quick-map slots or an unused part of the kernel half, which only the pmap maps (the
+    /// kernel-entry operations report a range that meets the direct map as `DirectMap`).
     OutsideKva(VirtAddr),
     /// A configuration the pmap cannot lay out (overlapping or misaligned kernel ranges).
     BadConfig(&'static str),
+    /// A quick-map slot of this CPU is already held: quick mappings do not nest (seed 001).
+    QuickMapBusy { cpu: u32, slot: u8 },
+    /// `quick_remove_*` of an address that is not a live quick mapping of the current CPU made
+    /// by that call's kind (removed twice, removed on another CPU, or never returned).
+    QuickMapNotHeld(VirtAddr),
+    /// A frame the machine does not have (no page record).
+    NoSuchFrame(PhysAddr),
+    /// A kernel-entry operation (`kenter`, `kremove`, `qenter`, `qremove`) whose range meets
+    /// the direct map.
+    DirectMap(VirtAddr),
+    /// A kernel-entry operation over a managed mapping (`enter`'s; `remove` undoes it).
+    ManagedMapping(VirtAddr),
 }
 
 impl From<AddrError> for PmapError {
@@ -83,6 +96,24 @@ impl fmt::Display for PmapError {
                 "{va} is outside the kernel's dynamic range (direct map, quick-map slots or unused)"
             ),
             PmapError::BadConfig(why) => write!(f, "bad pmap configuration: {why}"),
+            PmapError::QuickMapBusy { cpu, slot } => write!(
+                f,
+                "quick-map slot {slot} of cpu {cpu} is in use: quick mappings do not nest"
+            ),
+            PmapError::QuickMapNotHeld(va) => {
+                write!(f, "{va} is not a live quick mapping of this cpu")
+            }
+            PmapError::NoSuchFrame(pa) => {
+                write!(f, "{pa} is not a frame of this machine (no page record)")
+            }
+            PmapError::DirectMap(va) => write!(
+                f,
+                "{va}: kernel-entry operations may not touch the direct map"
+            ),
+            PmapError::ManagedMapping(va) => write!(
+                f,
+                "a managed mapping is at {va}: kernel-entry operations leave it to enter/remove"
+            ),
         }
     }
 }

@@ -13,6 +13,11 @@
 //!   creation also takes.
 //!
 //! Invariant KPT-1: every pmap translates every kernel address exactly as the kernel pmap does.
+//!
+//! The kernel-entry operations (`kenter`, `kremove`, `qenter`, `qremove`, the local forms) act
+//! only inside the kernel's dynamic range, on unmanaged 4 KiB entries, and check the whole
+//! range before writing any of it: bad input is an error in every build that changes nothing
+//! (KE-1, KE-2 of docs/INVARIANTS.md).
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -26,7 +31,6 @@ use crate::page::PageArray;
 use crate::platform::Platform;
 
 use super::remove::Found;
-use super::superpage::OnFail;
 use super::tlb::{self, CpuLocal, CpuMask, Flush, TagAlloc};
 use super::{table, Pmap, PmapConfig, PmapError, PmapState, PmapSystem};
 
@@ -602,57 +606,103 @@ impl<P: Platform> PmapSystem<P> {
             .map_err(|_| PmapError::Unsupported)
     }
 
-    /// Map one kernel page, unmanaged and global (FreeBSD `pmap_kenter_attr`).
+    /// Map one kernel page, unmanaged and global (FreeBSD `pmap_kenter_attr`). Refused, with
+    /// nothing changed, as [`PmapSystem::qenter`] refuses.
     pub fn kenter(&self, va: VirtAddr, pa: PhysAddr, cache: CacheMode) -> Result<(), PmapError> {
-        self.check_range(&self.kernel, va, PAGE_SIZE, PAGE_SIZE)?;
+        self.check_kernel_entry(va, 1)?;
         self.check_pa(pa, PAGE_SIZE, false)?;
         let new = self.kernel_entry(self.geom.last(), pa.as_u64(), cache, false)?;
-        self.kernel_pages(va.as_u64(), 1, |_| new, "kenter")
+        self.kernel_pages(va.as_u64(), 1, |_| new, Scope::Global)
     }
 
-    /// Unmap one kernel page mapped by `kenter` (FreeBSD `pmap_kremove`).
+    /// Unmap one kernel page mapped by `kenter` (FreeBSD `pmap_kremove`). Refused, with nothing
+    /// changed, as [`PmapSystem::qremove`] refuses.
     pub fn kremove(&self, va: VirtAddr) -> Result<(), PmapError> {
-        self.check_range(&self.kernel, va, PAGE_SIZE, PAGE_SIZE)?;
-        self.kernel_pages(va.as_u64(), 1, |_| 0, "kremove")
+        self.check_kernel_entry(va, 1)?;
+        self.kernel_pages(va.as_u64(), 1, |_| 0, Scope::Global)
     }
 
     /// Map `pages` at `va`, transient kernel mappings (FreeBSD `pmap_qenter`): unmanaged,
     /// global, never promoted where the format has a no-promote bit; entries that already
     /// hold the same frame are not rewritten, and only replaced valid entries are shot down.
+    ///
+    /// Refused in every build, with nothing changed (see `check_kernel_entry`): a range that
+    /// overflows, is misaligned, lies outside the kernel half or is
+    /// non-canonical, meets the direct map, lies outside `kva_range()` (the quick-map slots),
+    /// or reaches past `kernel_end()`; a range that meets a superpage (`ExistingSuperpage`:
+    /// such a region belongs to `enter`, whose leaves these calls never demote) or a managed
+    /// mapping (`ManagedMapping`: FreeBSD's kernel-entry mappings are unmanaged, replacing a
+    /// managed one would strand its PV entry).
     pub fn qenter(&self, va: VirtAddr, pages: &[PhysAddr]) -> Result<(), PmapError> {
-        self.qenter_scoped(va, pages, "qenter", false)
+        self.qenter_scoped(va, pages, Scope::Global)
     }
 
-    /// Unmap `count` pages at `va` mapped by `qenter` (FreeBSD `pmap_qremove`).
+    /// Unmap `count` pages at `va` mapped by `qenter` (FreeBSD `pmap_qremove`). Refused as
+    /// [`PmapSystem::qenter`] refuses, a huge `count` included.
     pub fn qremove(&self, va: VirtAddr, count: usize) -> Result<(), PmapError> {
-        self.qremove_scoped(va, count, "qremove", false)
+        self.qremove_scoped(va, count, Scope::Global)
     }
 
     /// `qenter` for a mapping that only the current CPU will use (the caller is pinned to it:
-    /// `map_io_transient` without `can_fault`). The entries must be invalid before; nothing is
-    /// shot down.
+    /// `map_io_transient` without `can_fault`). Nothing is shot down, so the entries must be
+    /// invalid (or already hold the same frame): a valid other entry is refused
+    /// (`ExistingMapping`), as another CPU may cache it.
     pub fn qenter_local(&self, va: VirtAddr, pages: &[PhysAddr]) -> Result<(), PmapError> {
-        self.qenter_scoped(va, pages, "qenter_local", true)
+        self.qenter_scoped(va, pages, Scope::LocalEnter)
     }
 
     /// Undo [`PmapSystem::qenter_local`] on the CPU that made it: the entries are cleared (not
     /// left valid in freed KVA, as FreeBSD's `pmap_unmap_io_transient` does) and invalidated on
     /// this CPU only.
     pub fn qremove_local(&self, va: VirtAddr, count: usize) -> Result<(), PmapError> {
-        self.qremove_scoped(va, count, "qremove_local", true)
+        self.qremove_scoped(va, count, Scope::LocalRemove)
+    }
+
+    /// The range checks of every kernel-entry operation, before anything is touched: `count`
+    /// pages from `va`, without overflow, page-aligned, canonical and in the kernel half
+    /// (`check_range`); clear of the direct map (its leaves are never demoted or aliased through
+    /// these calls); inside the kernel's dynamic range `kva_range()` (so never the quick-map
+    /// slots); below `kernel_end()`, so that every page has its page table and a refusal never
+    /// comes after a part of the range was written.
+    fn check_kernel_entry(&self, va: VirtAddr, count: usize) -> Result<(), PmapError> {
+        let len = u64::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(PAGE_SIZE))
+            .ok_or(PmapError::Addr(crate::addr::AddrError::Overflow))?;
+        self.check_range(&self.kernel, va, len, PAGE_SIZE)?;
+        let (lo, last) = (va.as_u64(), va.as_u64() + (len - 1));
+        if let Some((base, size)) = self.kern.dmap.filter(|&(_, s)| s > 0) {
+            // The direct map's leaves may reach past `size` to a whole leaf: refuse all of it.
+            let g = &self.geom;
+            let span = g.levels[g.psind_level[g.npsind - 1]].span;
+            let dlast = size
+                .checked_next_multiple_of(span)
+                .and_then(|s| base.checked_add(s - 1))
+                .unwrap_or(u64::MAX);
+            if lo <= dlast && last >= base {
+                return Err(PmapError::DirectMap(VirtAddr::new(lo.max(base))));
+            }
+        }
+        if lo < self.kern.kva_start || last >= self.kern.quick_base {
+            return Err(PmapError::OutsideKva(va));
+        }
+        let end = self.kernel_end.load(Ordering::SeqCst);
+        if last >= end {
+            return Err(PmapError::NoPageTable(VirtAddr::new(lo.max(end))));
+        }
+        Ok(())
     }
 
     fn qenter_scoped(
         &self,
         va: VirtAddr,
         pages: &[PhysAddr],
-        what: &str,
-        local: bool,
+        scope: Scope,
     ) -> Result<(), PmapError> {
         if pages.is_empty() {
             return Ok(());
         }
-        self.check_range(&self.kernel, va, pages.len() as u64 * PAGE_SIZE, PAGE_SIZE)?;
+        self.check_kernel_entry(va, pages.len())?;
         let mut vals = Vec::with_capacity(pages.len());
         for &p in pages {
             self.check_pa(p, PAGE_SIZE, false)?;
@@ -663,128 +713,138 @@ impl<P: Platform> PmapSystem<P> {
                 true,
             )?);
         }
-        self.kernel_pages_scoped(va.as_u64(), pages.len(), |i| vals[i], what, local)
+        self.kernel_pages(va.as_u64(), pages.len(), |i| vals[i], scope)
     }
 
-    fn qremove_scoped(
-        &self,
-        va: VirtAddr,
-        count: usize,
-        what: &str,
-        local: bool,
-    ) -> Result<(), PmapError> {
+    fn qremove_scoped(&self, va: VirtAddr, count: usize, scope: Scope) -> Result<(), PmapError> {
         if count == 0 {
             return Ok(());
         }
-        self.check_range(&self.kernel, va, count as u64 * PAGE_SIZE, PAGE_SIZE)?;
-        self.kernel_pages_scoped(va.as_u64(), count, |_| 0, what, local)
+        self.check_kernel_entry(va, count)?;
+        self.kernel_pages(va.as_u64(), count, |_| 0, scope)
     }
 
+    /// Check the `count` entries from `va` (under the kernel pmap's lock) for what a
+    /// kernel-entry operation must not touch: a superpage, a managed mapping, and (a local
+    /// enter) a valid entry to replace without a shootdown.
+    fn kernel_pages_check(
+        &self,
+        va: u64,
+        count: usize,
+        val: &impl Fn(usize) -> u64,
+        scope: Scope,
+    ) -> Result<(), PmapError> {
+        let g = &self.geom;
+        let mut i = 0usize;
+        while i < count {
+            let cva = va + i as u64 * PAGE_SIZE;
+            match self.cursor_at(&self.kernel, cva) {
+                Found::Hole { .. } => return Err(PmapError::NoPageTable(VirtAddr::new(cva))),
+                Found::Super { .. } => {
+                    return Err(PmapError::ExistingSuperpage(VirtAddr::new(cva)))
+                }
+                Found::Run { table, idx } => {
+                    let n = g.run_len(idx, (count - i) as u64);
+                    table::with_scratch(n, |old| {
+                        self.tables().load_run(table, idx, old);
+                        for (k, &o) in old.iter().enumerate() {
+                            let at = VirtAddr::new(cva + k as u64 * PAGE_SIZE);
+                            if o == 0 {
+                                continue;
+                            }
+                            if g.managed(o) {
+                                return Err(PmapError::ManagedMapping(at));
+                            }
+                            if scope == Scope::LocalEnter && o != val(i + k) {
+                                return Err(PmapError::ExistingMapping(at));
+                            }
+                        }
+                        Ok(())
+                    })?;
+                    i += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `count` unmanaged kernel entries from `va`: entry `i` becomes `val(i)`, a table at
+    /// a time, after [`PmapSystem::kernel_pages_check`] passed under the same lock hold (so a
+    /// refusal changes nothing, and no superpage is ever demoted or written through: seed 000).
+    ///
+    /// With a local scope, the invalidation is this CPU's only: only valid for mappings no other
+    /// CPU has used (the replaced entries of a `qenter_local` are invalid, so there is nothing
+    /// to invalidate; a `qremove_local` invalidates here).
     fn kernel_pages(
         &self,
         va: u64,
         count: usize,
         val: impl Fn(usize) -> u64,
-        what: &str,
-    ) -> Result<(), PmapError> {
-        self.kernel_pages_scoped(va, count, val, what, false)
-    }
-
-    /// Write `count` unmanaged kernel entries from `va`: entry `i` becomes `val(i)`, a table at
-    /// a time. A superpage in the way is a caller bug (seed 000: transient mappings inside a
-    /// region that was promoted): it asserts in debug builds and is demoted in release builds,
-    /// never written through.
-    ///
-    /// With `local`, the invalidation is this CPU's only: only valid for mappings no other CPU
-    /// has used (the replaced entries of a `qenter_local` are invalid, so there is nothing to
-    /// invalidate; a `qremove_local` invalidates here).
-    fn kernel_pages_scoped(
-        &self,
-        va: u64,
-        count: usize,
-        val: impl Fn(usize) -> u64,
-        what: &str,
-        local: bool,
+        scope: Scope,
     ) -> Result<(), PmapError> {
         let g = &self.geom;
         let t = self.tables();
         let last = g.last();
         let k = &self.kernel;
         let mut st = table::lock(&k.state, &*self.plat);
+        self.kernel_pages_check(va, count, &val, scope)?;
         let mut flush = Flush::new();
         let end = va + count as u64 * PAGE_SIZE;
         self.plat
             .pt_update_begin(VirtAddr::new(va), VirtAddr::new(end));
         let mut i = 0usize;
-        let mut result = Ok(());
         while i < count {
             let cva = va + i as u64 * PAGE_SIZE;
-            match self.cursor_at(k, cva) {
-                Found::Hole { .. } => {
-                    result = Err(PmapError::NoPageTable(VirtAddr::new(cva)));
-                    break;
-                }
-                Found::Super { level, .. } => {
-                    debug_assert!(
-                        false,
-                        "{what}: a superpage maps {cva:#x}: transient kernel mappings must not share a superpage region with promotable mappings (seed 000)"
-                    );
-                    let base = cva & !(g.levels[level].span - 1);
-                    if let Err(e) = self.demote(k, &mut st, base, level, OnFail::Keep, &mut flush) {
-                        result = Err(e);
-                        break;
+            let Found::Run { table, idx } = self.cursor_at(k, cva) else {
+                unreachable!("kernel_pages_check found a page table at {cva:#x} under this lock");
+            };
+            let n = g.run_len(idx, (count - i) as u64);
+            table::with_scratch(2 * n, |buf| {
+                let (old, new) = buf.split_at_mut(n);
+                t.load_run(table, idx, old);
+                let mut valid_replaced = false;
+                for k in 0..n {
+                    new[k] = val(i + k);
+                    if old[k] != 0 && old[k] != new[k] {
+                        valid_replaced = true;
+                    }
+                    if old[k] != 0 && g.is_leaf(old[k], last) {
+                        st.resident -= 1;
+                    }
+                    if new[k] != 0 {
+                        st.resident += 1;
                     }
                 }
-                Found::Run { table, idx } => {
-                    let n = g.run_len(idx, (count - i) as u64);
-                    table::with_scratch(2 * n, |buf| {
-                        let (old, new) = buf.split_at_mut(n);
-                        t.load_run(table, idx, old);
-                        let mut valid_replaced = false;
-                        for k in 0..n {
-                            new[k] = val(i + k);
-                            if old[k] != 0 {
-                                debug_assert!(
-                                    !g.managed(old[k]),
-                                    "{what} over a managed mapping at {:#x}",
-                                    cva + k as u64 * PAGE_SIZE
-                                );
-                                if old[k] != new[k] {
-                                    valid_replaced = true;
-                                }
-                            }
-                            if old[k] != 0 && g.is_leaf(old[k], last) {
-                                st.resident -= 1;
-                            }
-                            if new[k] != 0 {
-                                st.resident += 1;
-                            }
-                        }
-                        if valid_replaced
-                            && g.fmt.tlb.break_before_make
-                            && new.iter().any(|&v| v != 0)
-                        {
-                            // arm64: valid -> other valid needs the entry invalid and flushed first.
-                            t.store_run(table, idx, &table::ZEROS[..n]);
-                            flush.add(cva, n as u64 * PAGE_SIZE);
-                            self.complete_now(k, &mut flush);
-                        }
-                        t.store_run(table, idx, new);
-                        if valid_replaced {
-                            flush.add(cva, n as u64 * PAGE_SIZE);
-                        }
-                    });
-                    i += n;
+                if valid_replaced && g.fmt.tlb.break_before_make && new.iter().any(|&v| v != 0) {
+                    // arm64: valid -> other valid needs the entry invalid and flushed first.
+                    t.store_run(table, idx, &table::ZEROS[..n]);
+                    flush.add(cva, n as u64 * PAGE_SIZE);
+                    self.complete_now(k, &mut flush);
                 }
-            }
+                t.store_run(table, idx, new);
+                if valid_replaced {
+                    flush.add(cva, n as u64 * PAGE_SIZE);
+                }
+            });
+            i += n;
         }
-        if local {
-            self.complete_local(flush);
-        } else {
-            self.complete(k, flush);
+        match scope {
+            Scope::Global => self.complete(k, flush),
+            Scope::LocalEnter | Scope::LocalRemove => self.complete_local(flush),
         }
         self.plat.pt_update_end();
         drop(st);
-        result
+        Ok(())
     }
+}
+
+/// Who may have cached the entries a kernel-entry operation changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Any CPU: replaced valid entries are shot down everywhere.
+    Global,
+    /// `qenter_local`: only invalid entries are replaced (checked), nothing to invalidate.
+    LocalEnter,
+    /// `qremove_local`: only this CPU used the entries, invalidated here.
+    LocalRemove,
 }

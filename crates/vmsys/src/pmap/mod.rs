@@ -71,6 +71,7 @@ pub use error::PmapError;
 pub use geom::Geometry;
 pub use kernel::{KptSync, KptSyncCost};
 pub use query::Mapping;
+pub use quick::QuickPage;
 pub use tlb::CpuMask;
 
 use pv::PvPool;

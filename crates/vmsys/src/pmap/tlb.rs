@@ -222,8 +222,8 @@ pub(crate) struct CpuLocal {
     pub loaded_tag: AtomicU64,
     /// A tag rollover happened: flush all non-global entries before loading a pmap.
     pub flush_pending: AtomicBool,
-    /// Quick-mapping slots in use (seed 001: nesting is a bug).
-    pub quick_busy: [AtomicBool; 2],
+    /// Quick-mapping slots: 0 when free, else the address handed out (see `pmap::quick`).
+    pub quick_held: [AtomicU64; 2],
 }
 
 impl CpuLocal {
@@ -232,7 +232,7 @@ impl CpuLocal {
             current: AtomicU32::new(u32::MAX),
             loaded_tag: AtomicU64::new(0),
             flush_pending: AtomicBool::new(false),
-            quick_busy: [AtomicBool::new(false), AtomicBool::new(false)],
+            quick_held: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 }
