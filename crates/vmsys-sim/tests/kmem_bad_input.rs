@@ -303,7 +303,7 @@ fn audit_with_live_small_allocations_counts_no_leak(f: FormatId) {
 /// through the reservation system (or the buddy) was refused only by a debug assertion;
 /// release builds put the live page on the free lists. It is an error in every build and
 /// changes nothing; so is a free of a live user page-table page (the pmap's root of a user
-/// address space).
+/// address space) or of a kernel page-table page.
 fn free_of_a_live_wired_or_page_table_frame_is_refused(f: FormatId) {
     let e = kenv(f);
     e.m.run_on(0, |c| {
@@ -347,6 +347,23 @@ fn free_of_a_live_wired_or_page_table_frame_is_refused(f: FormatId) {
         assert_eq!(e.buddy.allocated_pages(), out);
         e.audit("after the refused free of a live page-table page");
         e.pmap.destroy(p).unwrap();
+
+        // A kernel page-table page (fixed, never freed: PT-3) is refused too.
+        let ktable = e
+            .pmap
+            .pages()
+            .iter()
+            .find(|(_, m)| m.flags() & vmsys::page::page_flags::KERNEL_PTP != 0)
+            .map(|(pa, _)| pa)
+            .expect("the kernel has page-table pages");
+        let out = e.buddy.allocated_pages();
+        let r = e.buddy.free(ktable, 0);
+        assert!(
+            matches!(r, Err(PhysError::PmapPage { pa, .. }) if pa == ktable),
+            "{f:?}: {r:?}"
+        );
+        assert_eq!(e.buddy.allocated_pages(), out);
+        e.audit("after the refused free of a live kernel page-table page");
     });
     e.audit("after the pmap went");
 }

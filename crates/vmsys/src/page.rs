@@ -490,7 +490,11 @@ impl PageMeta {
         if wired != 0 {
             return Err(PhysError::Wired { pa, count: wired });
         }
-        let f = self.flags() & (page_flags::PTP | page_flags::SAVED_PTP | page_flags::PV_CHUNK);
+        let f = self.flags()
+            & (page_flags::PTP
+                | page_flags::KERNEL_PTP
+                | page_flags::SAVED_PTP
+                | page_flags::PV_CHUNK);
         if f != 0 {
             return Err(PhysError::PmapPage { pa, flags: f });
         }
@@ -501,8 +505,7 @@ impl PageMeta {
     }
 
     /// Clear the per-owner state of a frame being freed: owner, valid, dirty, superpage index,
-    /// and the pmap's records about its contents (modified, referenced; the kernel page-table
-    /// mark, which the pmap leaves on a saved kernel table it frees). The caller has checked
+    /// and the pmap's records about its contents (modified, referenced). The caller has checked
     /// [`check_freeable`](Self::check_freeable).
     pub(crate) fn reset_owner_state(&self) {
         debug_assert_eq!(self.busy.load(Ordering::Relaxed), 0, "freeing a busy page");
@@ -511,7 +514,7 @@ impl PageMeta {
         self.valid.store(0, Ordering::Relaxed);
         self.dirty.store(0, Ordering::Relaxed);
         self.psind.store(0, Ordering::Relaxed);
-        self.clear_flags(page_flags::MODIFIED | page_flags::REFERENCED | page_flags::KERNEL_PTP);
+        self.clear_flags(page_flags::MODIFIED | page_flags::REFERENCED);
     }
 }
 

@@ -399,7 +399,9 @@ impl<P: Platform> PmapSystem<P> {
     /// Return a page-table page to the frame source (after its invalidation).
     pub(crate) fn free_ptp_now(&self, ptp: PhysAddr) {
         let meta = self.pages.meta(ptp);
-        meta.clear_flags(page_flags::PTP | page_flags::SAVED_PTP);
+        // Every page-table mark goes (a saved kernel table carries KERNEL_PTP): the frame source
+        // refuses frames that still bear one (PHYS-4).
+        meta.clear_flags(page_flags::PTP | page_flags::SAVED_PTP | page_flags::KERNEL_PTP);
         meta.ref_count.store(0, Ordering::Relaxed);
         PmapStats::bump(&self.stats.ptps_freed);
         self.frames
