@@ -2,8 +2,8 @@
 //!
 //! - [`cli`]: the command line (clap).
 //! - [`run`]: `vmsim run`, one machine with the pmap and a mixed workload on every CPU
-//!   ([`workload`], its operation kinds in [`ops`], its data frames in [`frames`], the platform
-//!   wrapper with the planted bug in [`plat`]).
+//!   ([`workload`], its operation kinds in [`ops`], its data frames in [`frames`]; the planted
+//!   missing-shootdown bug is a machine setting, `MachineConfig::omit_shootdown`).
 //! - [`layout`]: `vmsim layout`, the kernel address-space layout and kernel page-table sync costs.
 //! - [`bench`]: `vmsim bench`, the cost of a simulated access; [`pmap_bench`], the pmap against
 //!   the x86_64 crate; [`host_bench`], this host's own page fault and fork for reference.
@@ -21,7 +21,6 @@ pub mod host_bench;
 pub mod kmem_bench;
 pub mod layout;
 pub mod ops;
-pub mod plat;
 pub mod pmap_bench;
 pub mod report;
 pub mod run;

@@ -32,7 +32,6 @@ use vmsys_sim::{Cpu, Machine};
 
 use crate::frames::DataFrames;
 use crate::ops::{OpCounts, OpKind, Picker};
-use crate::plat::SimPlat;
 use vmsys::kmem::Kmem;
 
 pub const PAGE: u64 = 4096;
@@ -58,7 +57,7 @@ pub fn mix(a: u64, b: u64) -> u64 {
 }
 
 /// The PmapSystem of a run.
-pub type Sys = PmapSystem<SimPlat>;
+pub type Sys = PmapSystem<Machine>;
 /// Live kmem allocations a CPU keeps at most.
 const MAX_KALLOCS: usize = 12;
 
@@ -173,7 +172,7 @@ impl Geo {
 pub struct Shared {
     pub m: Arc<Machine>,
     pub sys: Arc<Sys>,
-    pub kmem: Arc<Kmem<SimPlat>>,
+    pub kmem: Arc<Kmem<Machine>>,
     pub frames: DataFrames,
     pub geo: Geo,
     spaces: Mutex<Vec<Arc<SpaceShared>>>,
@@ -298,7 +297,7 @@ impl Shared {
     pub fn new(
         m: Arc<Machine>,
         sys: Arc<Sys>,
-        kmem: Arc<Kmem<SimPlat>>,
+        kmem: Arc<Kmem<Machine>>,
         frames: DataFrames,
         geo: Geo,
         audit_every: u64,

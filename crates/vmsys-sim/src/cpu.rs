@@ -282,12 +282,31 @@ impl CpuState {
 
     /// Check every cache of this CPU that the current context can use against the tables.
     pub(crate) fn audit(&self, mem: &PhysMem, det: &Detector) -> Vec<Violation> {
+        self.audit_range(mem, det, 0, u64::MAX)
+    }
+
+    /// [`CpuState::audit`] of the entries that translate some address of `[lo, last]` (both
+    /// ends inclusive, so that a range may end at the top of the address space).
+    pub(crate) fn audit_range(
+        &self,
+        mem: &PhysMem,
+        det: &Detector,
+        lo: u64,
+        last: u64,
+    ) -> Vec<Violation> {
         let mut out = Vec::new();
         let tag = self.regs.tag;
+        let meets = |base: u64, shift: u8| {
+            let end = base.wrapping_add((1u64 << shift) - 1);
+            base <= last && lo <= end
+        };
         for e in self.tlb.iter() {
             if !(e.tag == tag || e.tr.rights.contains(Rights::GLOBAL)) {
                 // Entries of a dormant tag cannot be used until that tag is loaded again, and
                 // the kernel owes a flush before reusing it with another address space.
+                continue;
+            }
+            if !meets(e.tr.va_base, e.tr.shift) {
                 continue;
             }
             let end = e.tr.va_base.wrapping_add(1u64 << e.tr.shift);
@@ -319,7 +338,7 @@ impl CpuState {
             }
         }
         for p in self.psc.iter() {
-            if p.tag != tag {
+            if p.tag != tag || !meets(p.va_base, p.shift) {
                 continue;
             }
             det.note_check();
@@ -333,7 +352,7 @@ impl CpuState {
                 });
             }
         }
-        out.extend(self.stale_pdpte(mem, det));
+        out.extend(self.stale_pdpte(mem, det).filter(|v| meets(v.va, 30)));
         out
     }
 

@@ -8,6 +8,12 @@
 //! excused. The detector checks on every TLB hit and walk-cache use (`Every`, the default in
 //! tests), on one in N (`Sampled`), or not at all (`Off`); `Machine::audit` checks every CPU's
 //! caches at a quiescent point whatever the mode.
+//!
+//! Whatever the sampling, when a bracket closes after its CPU replaced a valid page-table entry
+//! inside it (the only kind of change that can leave a cached translation stale), the machine
+//! checks every CPU's TLB and walk cache over the bracket's range before any of them uses or
+//! drops an entry (`Machine::pt_update_end`): a missing shootdown is found at the operation that
+//! owed it, whether or not the stale entry is ever used.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -130,6 +136,8 @@ struct OpenUpdate {
     /// stores suffice: with the detector off a bracket costs no atomic read-modify-write.
     nest: AtomicU32,
     recorded: AtomicU64,
+    /// A valid page-table entry was replaced while the recorded brackets were open (owner only).
+    changed: AtomicBool,
 }
 
 /// How many violations are kept in full (all are counted).
@@ -197,6 +205,7 @@ impl Detector {
         if o.depth.load(Ordering::Relaxed) == 0 {
             o.lo.store(lo, Ordering::Relaxed);
             o.hi.store(hi, Ordering::Relaxed);
+            o.changed.store(false, Ordering::Relaxed);
             self.any_open.fetch_add(1, Ordering::SeqCst);
         } else {
             // Nested brackets widen the open range.
@@ -206,7 +215,10 @@ impl Detector {
         o.depth.fetch_add(1, Ordering::SeqCst);
     }
 
-    pub(crate) fn end(&self, cpu: CpuId) {
+    /// Close the innermost bracket of `cpu`. When that closes the last recorded bracket and a
+    /// valid entry was replaced inside, the range `[lo, hi)` that every CPU's caches must now
+    /// agree with (DET-7).
+    pub(crate) fn end(&self, cpu: CpuId) -> Option<(u64, u64)> {
         let o = &self.open[cpu as usize];
         let nest = o.nest.load(Ordering::Relaxed);
         assert!(
@@ -217,7 +229,7 @@ impl Detector {
         o.nest.store(nest, Ordering::Relaxed);
         let recorded = o.recorded.load(Ordering::Relaxed);
         if recorded & 1 << nest == 0 {
-            return;
+            return None;
         }
         o.recorded.store(recorded & !(1 << nest), Ordering::Relaxed);
         let d = o.depth.load(Ordering::Relaxed);
@@ -225,8 +237,22 @@ impl Detector {
         if d == 1 {
             o.depth.store(0, Ordering::SeqCst);
             self.any_open.fetch_sub(1, Ordering::SeqCst);
+            o.changed
+                .load(Ordering::Relaxed)
+                .then(|| (o.lo.load(Ordering::Relaxed), o.hi.load(Ordering::Relaxed)))
         } else {
             o.depth.store(d - 1, Ordering::SeqCst);
+            None
+        }
+    }
+
+    /// `cpu` replaced a valid page-table entry: if it has a recorded bracket open, the caches
+    /// must be checked when it closes.
+    #[inline]
+    pub(crate) fn note_valid_replaced(&self, cpu: CpuId) {
+        let o = &self.open[cpu as usize];
+        if o.depth.load(Ordering::Relaxed) != 0 {
+            o.changed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -342,6 +368,28 @@ mod tests {
     fn unbalanced_end_is_caught_even_when_off() {
         let d = Detector::new(1, DetectorMode::Off);
         d.end(0);
+    }
+
+    #[test]
+    fn only_a_closed_update_that_replaced_a_valid_entry_owes_a_cache_check() {
+        let d = Detector::new(2, DetectorMode::Every);
+        d.begin(0, 0x1000, 0x2000);
+        assert_eq!(d.end(0), None, "nothing replaced");
+        d.begin(0, 0x1000, 0x2000);
+        d.begin(0, 0x8000, 0x9000);
+        d.note_valid_replaced(0);
+        assert_eq!(d.end(0), None, "the outer bracket is still open");
+        assert_eq!(d.end(0), Some((0x1000, 0x9000)), "the widened range");
+        // A replacement outside any bracket, or on another CPU, owes nothing here.
+        d.note_valid_replaced(0);
+        d.begin(0, 0x1000, 0x2000);
+        d.note_valid_replaced(1);
+        assert_eq!(d.end(0), None);
+        // Off: brackets are not recorded and owe nothing.
+        d.set_mode(DetectorMode::Off);
+        d.begin(0, 0x1000, 0x2000);
+        d.note_valid_replaced(0);
+        assert_eq!(d.end(0), None);
     }
 
     #[test]

@@ -47,6 +47,11 @@ pub struct MachineConfig {
     pub arm64_hw_dbm: bool,
     /// Physical-address width in bits (MAXPHYADDR); 32 on i386 2-level.
     pub pa_bits: u8,
+    /// A planted kernel bug, to show that the checks catch it: with `Some(vector)`, IPIs sent
+    /// on `vector` (the pmap's shootdown vector) are dropped and reported as delivered, and a
+    /// broadcast TLBI invalidates the issuing CPU only. Every other IPI and every local
+    /// invalidation (INVLPG, INVPCID, TLBI without IS, the flush of a root load) is done.
+    pub omit_shootdown: Option<u8>,
 }
 
 impl MachineConfig {
@@ -67,6 +72,7 @@ impl MachineConfig {
                 FormatId::Arm64 => 48,
                 FormatId::Amd64 | FormatId::Amd64La57 => 46,
             },
+            omit_shootdown: None,
         }
     }
     pub fn cpus(mut self, n: u32) -> Self {
@@ -91,6 +97,12 @@ impl MachineConfig {
     }
     pub fn arm64_software_af(mut self) -> Self {
         self.arm64_hw_af = false;
+        self
+    }
+    /// Plant the missing-shootdown bug: drop the IPIs of `vector` and make broadcast TLBIs
+    /// local (see [`MachineConfig::omit_shootdown`]).
+    pub fn omit_shootdown(mut self, vector: u8) -> Self {
+        self.omit_shootdown = Some(vector);
         self
     }
 }
@@ -179,6 +191,10 @@ struct CpuShared {
     state: Arc<Mutex<CpuState>>,
     mailbox: Mutex<VecDeque<Msg>>,
     pending: AtomicBool,
+    /// With the detector on, held by whoever touches this CPU's caches and MMU registers: the
+    /// thread running it, for each access and each `with_state`, and a CPU that closes a
+    /// page-table update and checks every CPU's caches at once (DET-7).
+    caches: Mutex<()>,
     counters: CpuCounters,
 }
 
@@ -219,6 +235,10 @@ pub struct Machine {
     segments: Vec<PhysSegment>,
     cpus: Vec<CpuShared>,
     detector: Detector,
+    /// The detector was on when the machine was built: CPU caches are then touched only under
+    /// their `caches` lock, so that DET-7's check can read them from another thread. Fixed for
+    /// the machine's life (a later `set_mode` changes what is checked, not the locking).
+    guard_caches: bool,
     ipi_handlers: RwLock<Vec<Option<IpiHandler>>>,
     fault_handler: RwLock<Option<FaultHandler>>,
 }
@@ -285,11 +305,13 @@ impl Machine {
                 state: Arc::new(Mutex::new(CpuState::new(id, regs))),
                 mailbox: Mutex::new(VecDeque::new()),
                 pending: AtomicBool::new(false),
+                caches: Mutex::new(()),
                 counters: CpuCounters::default(),
             })
             .collect();
         Ok(Arc::new(Machine {
             detector: Detector::new(cfg.cpus as usize, cfg.detector),
+            guard_caches: cfg.detector != DetectorMode::Off,
             cfg,
             mode,
             mem,
@@ -383,6 +405,9 @@ impl Machine {
             // SAFETY: this thread holds the CPU's lock (the guard in `top`), and the RefCell
             // borrow held across `f` keeps any other `with_state` from overlapping; the access
             // path (`Cpu::translate`) never runs inside `f` (every `f` here is internal).
+            let _caches = self
+                .guard_caches
+                .then(|| self.cpus[top.cpu as usize].caches.lock());
             f(unsafe { &mut *top.state })
         })
     }
@@ -554,17 +579,71 @@ impl Machine {
             .store(on, Ordering::Relaxed);
     }
 
-    /// Whether page-table stores must be checked for break-before-make (arm64, detector on):
-    /// then a store is done as an exchange, to learn the value it replaces.
+    /// Whether page-table stores are checked for break-before-make (arm64, detector on).
     #[inline]
     fn bbm_active(&self) -> bool {
         self.mode == Mode::Arm64 && self.detector.period() != 0
     }
 
+    /// Whether page-table stores are watched (detector on): then every store is done as an
+    /// exchange, to learn the value it replaces, for the break-before-make test (arm64) and for
+    /// DET-7 (a valid entry replaced inside an update bracket owes a check of every CPU's caches
+    /// when the bracket closes). Off, a store is a plain store.
     #[inline]
-    fn bbm_check(&self, pa: u64, old: u64, new: u64) {
+    fn pt_watch(&self) -> bool {
+        self.detector.period() != 0
+    }
+
+    /// The checks of one watched store of `new` over `old` at `pa`; whether it replaced a
+    /// valid entry.
+    #[inline]
+    fn watch_store(&self, pa: u64, old: u64, new: u64) -> bool {
         if self.bbm_active() {
             self.bbm_compare(pa, old, new);
+        }
+        valid_replaced(old, new)
+    }
+
+    /// The current CPU replaced a valid page-table entry (DET-7).
+    #[cold]
+    #[inline(never)]
+    fn note_replaced(&self) {
+        if let Some(cpu) = self.current() {
+            self.detector.note_valid_replaced(cpu);
+        }
+    }
+
+    /// DET-7: `me` closed an update of `[lo, hi)` in which it replaced a valid entry. The
+    /// operation is complete, so every CPU's caches must agree with the tables over the range
+    /// (entries of dormant tags excepted: TLB-P1 flushes them before the tag is loaded again).
+    /// This CPU reads each one's caches itself, under that CPU's cache lock, right away: what
+    /// it checks is what every CPU holds the moment the update closed, whether or not its host
+    /// thread is running, so the finding does not depend on thread timing.
+    #[cold]
+    #[inline(never)]
+    fn check_after_update(&self, me: CpuId, lo: u64, hi: u64) {
+        if !self.guard_caches {
+            return;
+        }
+        let last = match hi {
+            0 => u64::MAX,
+            h if h > lo => h - 1,
+            _ => return,
+        };
+        for (id, sh) in self.cpus.iter().enumerate() {
+            let found = if id as CpuId == me {
+                self.with_state(|st| st.audit_range(&self.mem, &self.detector, lo, last))
+            } else {
+                let _caches = sh.caches.lock();
+                // SAFETY: the thread that runs this CPU (or serves it while idle) touches its
+                // state only while holding `caches` (`with_state`, `Cpu::translate`), which
+                // this thread now holds; the state itself lives as long as the machine.
+                let st = unsafe { &*sh.state.data_ptr() };
+                st.audit_range(&self.mem, &self.detector, lo, last)
+            };
+            for v in found {
+                self.detector.record(v);
+            }
         }
     }
 
@@ -679,15 +758,23 @@ impl<'m> Cpu<'m> {
         // SAFETY: `run_on` holds this CPU's lock for as long as `self` exists (`Cpu` is created
         // there and only lent out by reference, and it is neither Send nor Sync). No other
         // reference to the state is live: `with_state` borrows end before they return and never
-        // call back into the access path, and `CpuState::translate` calls out to nothing.
-        let st = unsafe { &mut *self.state };
-        match st.translate(
-            &self.m.mem,
-            &self.m.detector,
-            &self.shared.counters,
-            va,
-            kind,
-        ) {
+        // call back into the access path, and `CpuState::translate` calls out to nothing. With
+        // the detector on, a CPU checking every CPU's caches (DET-7) reads them only under the
+        // cache lock taken here.
+        let r = {
+            let _caches = self.m.guard_caches.then(|| self.shared.caches.lock());
+            let st = unsafe { &mut *self.state };
+            st.translate(
+                &self.m.mem,
+                &self.m.detector,
+                &self.shared.counters,
+                va,
+                kind,
+            )
+        };
+        // The fault handler runs without the cache lock: it may change the tables and close an
+        // update, which checks this CPU's caches too.
+        match r {
             Ok(pa) => Ok(pa),
             Err(reason) => self.fault(va, kind, reason),
         }
@@ -802,7 +889,7 @@ impl Platform for Machine {
     }
     #[inline]
     fn pt_store64(&self, pa: PhysAddr, val: u64) {
-        if self.bbm_active() {
+        if self.pt_watch() {
             self.pt_swap64(pa, val);
         } else {
             self.check_pa(pa, 8);
@@ -813,7 +900,9 @@ impl Platform for Machine {
     fn pt_swap64(&self, pa: PhysAddr, val: u64) -> u64 {
         self.check_pa(pa, 8);
         let old = self.mem.swap_u64(pa.as_u64(), val);
-        self.bbm_check(pa.as_u64(), old, val);
+        if self.pt_watch() && self.watch_store(pa.as_u64(), old, val) {
+            self.note_replaced();
+        }
         old
     }
     fn pt_load_run64(&self, pa: PhysAddr, out: &mut [u64]) {
@@ -822,20 +911,28 @@ impl Platform for Machine {
     }
     fn pt_store_run64(&self, pa: PhysAddr, vals: &[u64]) {
         self.check_run(pa, vals.len());
-        if self.bbm_active() {
+        if self.pt_watch() {
+            let mut replaced = false;
             self.mem.store_run_with(pa.as_u64(), vals, |a, old, new| {
-                self.bbm_compare(a, old, new)
+                replaced |= self.watch_store(a, old, new)
             });
+            if replaced {
+                self.note_replaced();
+            }
         } else {
             self.mem.store_run(pa.as_u64(), vals);
         }
     }
     fn pt_swap_run64(&self, pa: PhysAddr, vals: &mut [u64]) {
         self.check_run(pa, vals.len());
-        if self.bbm_active() {
+        if self.pt_watch() {
+            let mut replaced = false;
             self.mem.swap_run_with(pa.as_u64(), vals, |a, old, new| {
-                self.bbm_compare(a, old, new)
+                replaced |= self.watch_store(a, old, new)
             });
+            if replaced {
+                self.note_replaced();
+            }
         } else {
             self.mem.swap_run(pa.as_u64(), vals);
         }
@@ -844,8 +941,8 @@ impl Platform for Machine {
     fn pt_cas64(&self, pa: PhysAddr, old: u64, new: u64) -> Result<u64, u64> {
         self.check_pa(pa, 8);
         let r = self.mem.cas_u64(pa.as_u64(), old, new);
-        if r.is_ok() {
-            self.bbm_check(pa.as_u64(), old, new);
+        if r.is_ok() && self.pt_watch() && self.watch_store(pa.as_u64(), old, new) {
+            self.note_replaced();
         }
         r
     }
@@ -854,16 +951,28 @@ impl Platform for Machine {
         self.mem.load_u32(pa.as_u64())
     }
     fn pt_store32(&self, pa: PhysAddr, val: u32) {
-        self.check_pa(pa, 4);
-        self.mem.store_u32(pa.as_u64(), val)
+        if self.pt_watch() {
+            self.pt_swap32(pa, val);
+        } else {
+            self.check_pa(pa, 4);
+            self.mem.store_u32(pa.as_u64(), val)
+        }
     }
     fn pt_swap32(&self, pa: PhysAddr, val: u32) -> u32 {
         self.check_pa(pa, 4);
-        self.mem.swap_u32(pa.as_u64(), val)
+        let old = self.mem.swap_u32(pa.as_u64(), val);
+        if self.pt_watch() && valid_replaced(old as u64, val as u64) {
+            self.note_replaced();
+        }
+        old
     }
     fn pt_cas32(&self, pa: PhysAddr, old: u32, new: u32) -> Result<u32, u32> {
         self.check_pa(pa, 4);
-        self.mem.cas_u32(pa.as_u64(), old, new)
+        let r = self.mem.cas_u32(pa.as_u64(), old, new);
+        if r.is_ok() && self.pt_watch() && valid_replaced(old as u64, new as u64) {
+            self.note_replaced();
+        }
+        r
     }
     fn phys_zero(&self, pa: PhysAddr, len: u64) {
         self.check_pa(pa, len);
@@ -909,6 +1018,11 @@ impl Platform for Machine {
             return Err(PlatformError::Unsupported);
         }
         let me = self.current().ok_or(PlatformError::NotOnCpu)?;
+        if self.cfg.omit_shootdown.is_some() {
+            // The planted bug: this CPU only, as a TLBI without IS.
+            self.tlb_invalidate_local(inv);
+            return Ok(());
+        }
         // TLBI ...IS names the ASID explicitly: "current" means the issuer's.
         let inv = match inv {
             TlbInval::Page {
@@ -941,6 +1055,10 @@ impl Platform for Machine {
             return Err(PlatformError::BadCpu(bad));
         }
         let me = self.current().ok_or(PlatformError::NotOnCpu)?;
+        if self.cfg.omit_shootdown == Some(msg.vector) {
+            // The planted bug: the shootdown is never sent (nor counted as sent).
+            return Ok(());
+        }
         self.cpus[me as usize]
             .counters
             .ipis_sent
@@ -996,8 +1114,19 @@ impl Platform for Machine {
             .begin(self.current_cpu(), start.as_u64(), end.as_u64());
     }
     fn pt_update_end(&self) {
-        self.detector.end(self.current_cpu());
+        let me = self.current_cpu();
+        if let Some((lo, hi)) = self.detector.end(me) {
+            self.check_after_update(me, lo, hi);
+        }
     }
+}
+
+/// Whether a store of `new` over `old` replaced a valid entry: the only kind of page-table
+/// change that can leave a cached translation stale. Bit 0 is the present/valid bit of every
+/// entry of every format the machine runs (x86 P, arm64 descriptor valid).
+#[inline]
+fn valid_replaced(old: u64, new: u64) -> bool {
+    old & 1 != 0 && old != new
 }
 
 #[cfg(test)]

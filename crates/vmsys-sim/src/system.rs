@@ -35,7 +35,7 @@ impl std::fmt::Display for BootError {
 impl std::error::Error for BootError {}
 
 /// The layers of a booted system. `P` is how vmsys reaches the machine: the machine itself, or
-/// a wrapper around it (vmsim's, which can plant a bug).
+/// a wrapper around it.
 pub struct System<P: Platform + 'static = Machine> {
     pub m: Arc<Machine>,
     pub pmap: Arc<PmapSystem<P>>,

@@ -199,7 +199,7 @@ fn tlb_and_walk_cache_counters(f: FormatId) {
 }
 
 /// The hazard: a PTE changes and another CPU's TLB keeps the old frame. Without the shootdown the
-/// detector catches it every time; with it, never.
+/// detector catches it every time (when the update closes, and again at the use); with it, never.
 fn missed_invalidation_is_detected(f: FormatId) {
     for round in 0..20 {
         for correct in [false, true] {
@@ -232,13 +232,12 @@ fn missed_invalidation_is_detected(f: FormatId) {
                 assert!(m.audit().is_empty());
             } else {
                 assert_eq!(got, 0xaaaa, "{f}: the stale entry is still used");
-                assert_eq!(v.len(), 1, "{f} round {round}: {v:?}");
-                assert_eq!(v[0].cpu, 1);
-                assert!(
-                    matches!(v[0].kind, ViolationKind::StaleTlb { .. }),
-                    "{:?}",
-                    v[0]
-                );
+                // Found twice: when the update closed (DET-7), and at the use (DET-1).
+                assert_eq!(v.len(), 2, "{f} round {round}: {v:?}");
+                for x in &v {
+                    assert_eq!(x.cpu, 1);
+                    assert!(matches!(x.kind, ViolationKind::StaleTlb { .. }), "{x:?}");
+                }
                 assert!(!m.audit().is_empty(), "{f}: the audit finds it too");
             }
         }
@@ -808,6 +807,151 @@ fn arm64_software_access_flag_fault() {
     assert_eq!(m.detector().violation_count(), 0);
 }
 
+/// The planted bug whose stale entry is never used: CPU 1 caches a translation, CPU 0 remaps
+/// the page without a shootdown, and CPU 1 then drops the entry by itself (a full flush, as a
+/// CR3 reload does). No access ever meets the stale entry and no later audit can see it; the
+/// check made when the update bracket closes finds it every time, and never on the correct
+/// variant.
+fn unused_stale_entry_is_caught_when_the_update_closes(f: FormatId) {
+    for round in 0..20 {
+        for correct in [false, true] {
+            let m = machine(f, 2);
+            let mut kit = Kit::new(&m, POOL.0, POOL.1);
+            let roots = Roots::new(&mut kit);
+            let va = kva(&kit, 4096, 9);
+            let (a, b) = (frame(4096, 1), frame(4096, 2));
+            let slot = kit.map(roots.kernel, va, a, 4096, RW, af()).unwrap();
+            activate_all(&m, roots);
+            m.run_on(1, |c| c.read_u64(va).unwrap());
+            m.run_on(0, |_| {
+                m.pt_update_begin(VirtAddr::new(va), VirtAddr::new(va + 4096));
+                kit.store(slot, 0);
+                local_invalidate(&m, va);
+                if correct {
+                    shootdown(&m, va);
+                }
+                kit.store(slot, kit.leaf(b, 4096, RW, af()).unwrap());
+                m.pt_update_end();
+            });
+            let v = m.detector().violations();
+            if correct {
+                assert!(v.is_empty(), "{f} round {round}: false positive {v:?}");
+            } else {
+                assert_eq!(v.len(), 1, "{f} round {round}: {v:?}");
+                assert_eq!(v[0].cpu, 1);
+                assert!(
+                    matches!(v[0].kind, ViolationKind::StaleTlb { .. }),
+                    "{:?}",
+                    v[0]
+                );
+            }
+            // CPU 1 flushes everything before it could use the entry: the audit has nothing
+            // left to find, so only the check at the close could have caught the bug.
+            m.run_on(1, |_| m.tlb_invalidate_local(TlbInval::All));
+            assert!(m.audit().is_empty(), "{f} round {round}");
+            assert_eq!(m.run_on(1, |c| c.read_u64(va).unwrap()), 0);
+            assert_eq!(m.detector().violation_count(), u64::from(!correct));
+        }
+    }
+}
+
+/// `MachineConfig::omit_shootdown` plants the missing-shootdown bug in the machine: IPIs of
+/// the named vector are dropped (reported as sent, their handler never runs), other vectors are
+/// delivered, and a broadcast TLBI stays on the issuing CPU.
+fn omit_shootdown_drops_only_the_shootdown(f: FormatId) {
+    const OTHER: u8 = 0x40;
+    let m = machine_with(
+        MachineConfig::new(f)
+            .cpus(2)
+            .mem(mem_for(f))
+            .omit_shootdown(SHOOTDOWN_VECTOR),
+    );
+    let mut kit = Kit::new(&m, POOL.0, POOL.1);
+    let roots = Roots::new(&mut kit);
+    let other = Arc::new(AtomicU64::new(0));
+    let o2 = other.clone();
+    m.set_ipi_handler(
+        OTHER,
+        Arc::new(move |_| {
+            o2.fetch_add(1, Ordering::SeqCst);
+        }),
+    );
+    let va = kva(&kit, 4096, 3);
+    kit.map(roots.kernel, va, frame(4096, 1), 4096, RW, af())
+        .unwrap();
+    activate_all(&m, roots);
+    m.run_on(1, |c| c.read_u64(va).unwrap());
+    m.run_on(0, |_| {
+        shootdown(&m, va);
+        let to_1 = CpuSet::single(1);
+        m.send_ipi(
+            &to_1,
+            IpiMessage {
+                vector: OTHER,
+                args: [0; 4],
+            },
+            true,
+        )
+        .unwrap();
+    });
+    assert_eq!(other.load(Ordering::SeqCst), 1, "{f}: other vectors go");
+    let c = m.counters();
+    assert_eq!(c.ipis_handled, 1, "{f}: the shootdown IPI was dropped");
+    assert_eq!(c.remote_invalidations, 0, "{f}: the broadcast stayed local");
+    let (tlb1, _) = m.run_on(1, |c| c.cache_sizes());
+    assert_eq!(tlb1, 1, "{f}: CPU 1 still holds the entry");
+}
+
+/// The pmap on a machine with the planted bug: CPU 1 runs the address space and reads a page,
+/// CPU 0 unmaps it. `remove` returns with CPU 1 still holding the page, and the violation is
+/// already recorded then (before CPU 1 runs again); on a correct machine, never.
+fn pmap_remove_without_shootdown_is_caught_at_its_return(f: FormatId) {
+    for round in 0..20 {
+        for omit in [true, false] {
+            let mut mcfg = machine_config(f, 2);
+            if omit {
+                mcfg = mcfg.omit_shootdown(vmsys::PmapConfig::default().shootdown_vector);
+            }
+            let e = env_on(mcfg, vmsys::PmapConfig::default());
+            let p = e.sys.create().unwrap();
+            let v = e.uva(4096, 3);
+            e.m.run_on(0, |_| {
+                e.sys.activate(&p);
+                e.sys
+                    .enter(
+                        &p,
+                        VirtAddr::new(v),
+                        PhysAddr::new(frame(4096, 5)),
+                        Prot::WRITE,
+                        vmsys::EnterFlags::empty(),
+                        0,
+                    )
+                    .unwrap();
+            });
+            e.m.run_on(1, |c| {
+                e.sys.activate(&p);
+                c.set_user(true);
+                c.read_u64(v).unwrap();
+            });
+            e.m.run_on(0, |_| {
+                e.sys
+                    .remove(&p, VirtAddr::new(v), VirtAddr::new(v + 4096))
+                    .unwrap()
+            });
+            let found = e.m.detector().violations();
+            if omit {
+                assert!(
+                    found.iter().any(|x| x.cpu == 1 && x.va == v),
+                    "{f} round {round}: {found:?}"
+                );
+            } else {
+                assert!(found.is_empty(), "{f} round {round}: {found:?}");
+                assert!(e.m.audit().is_empty());
+            }
+        }
+    }
+}
+
 for_each_format! {
     leaf_sizes => super::maps_every_leaf_size;
     faults => super::faults_are_reported;
@@ -820,6 +964,9 @@ for_each_format! {
     mutual_shootdowns => super::mutual_shootdowns_do_not_deadlock;
     concurrent_remaps => super::concurrent_remaps_are_coherent;
     detector_modes_ => super::detector_modes;
+    unused_stale_entry_caught_at_close => super::unused_stale_entry_is_caught_when_the_update_closes;
+    omit_shootdown_setting => super::omit_shootdown_drops_only_the_shootdown;
+    pmap_remove_without_shootdown => super::pmap_remove_without_shootdown_is_caught_at_its_return;
 }
 
 /// A handler that itself sends a waiting IPI back to the sender, while the target is idle (so
