@@ -916,7 +916,7 @@ fn pmap_remove_without_shootdown_is_caught_at_its_return(f: FormatId) {
             let p = e.sys.create().unwrap();
             let v = e.uva(4096, 3);
             e.m.run_on(0, |_| {
-                e.sys.activate(&p);
+                e.sys.activate(&p).unwrap();
                 e.sys
                     .enter(
                         &p,
@@ -929,7 +929,7 @@ fn pmap_remove_without_shootdown_is_caught_at_its_return(f: FormatId) {
                     .unwrap();
             });
             e.m.run_on(1, |c| {
-                e.sys.activate(&p);
+                e.sys.activate(&p).unwrap();
                 c.set_user(true);
                 c.read_u64(v).unwrap();
             });
