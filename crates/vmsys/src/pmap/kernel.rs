@@ -669,20 +669,23 @@ impl<P: Platform> PmapSystem<P> {
             .ok()
             .and_then(|c| c.checked_mul(PAGE_SIZE))
             .ok_or(PmapError::Addr(crate::addr::AddrError::Overflow))?;
-        self.check_range(&self.kernel, va, len, PAGE_SIZE)?;
-        let (lo, last) = (va.as_u64(), va.as_u64() + (len - 1));
-        if let Some((base, size)) = self.kern.dmap.filter(|&(_, s)| s > 0) {
-            // The direct map's leaves may reach past `size` to a whole leaf: refuse all of it.
-            let g = &self.geom;
-            let span = g.levels[g.psind_level[g.npsind - 1]].span;
-            let dlast = size
-                .checked_next_multiple_of(span)
-                .and_then(|s| base.checked_add(s - 1))
-                .unwrap_or(u64::MAX);
-            if lo <= dlast && last >= base {
+        // The direct map first, so that a range meeting it is named as such (check_range would
+        // call it merely outside KVA). It is exactly `[base, base + size)` (PT-9).
+        let lo = va.as_u64();
+        if let (Some((base, size)), Some(last)) = (
+            self.kern.dmap.filter(|&(_, s)| s > 0),
+            lo.checked_add(len.saturating_sub(1)),
+        ) {
+            if len > 0 && lo < base.saturating_add(size) && last >= base {
                 return Err(PmapError::DirectMap(VirtAddr::new(lo.max(base))));
             }
         }
+        self.check_range(&self.kernel, va, len, PAGE_SIZE)?;
+        if len == 0 {
+            // Nothing to touch; the start passed the same checks as any range (PT-8).
+            return Ok(());
+        }
+        let last = lo + (len - 1);
         if lo < self.kern.kva_start || last >= self.kern.quick_base {
             return Err(PmapError::OutsideKva(va));
         }
