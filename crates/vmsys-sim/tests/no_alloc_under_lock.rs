@@ -21,8 +21,8 @@
 //!   hardware runs on the caller's thread: the shootdown IPI handler taken while spinning, and
 //!   the fault handler (the workload makes no accesses that fault).
 //! - The workload: 4 KiB enters one by one and by range, a superpage entered directly,
-//!   promotion (a page table filled with contiguous frames) and demotion (by protect, by a
-//!   partial remove, by `remove_write`), protect, wire and unwire, copy (fork) into a second
+//!   promotion (a page table filled with contiguous frames) and demotion or removal of
+//!   superpages (by protect, by a partial remove, by `remove_write`), protect, wire and unwire, copy (fork) into a second
 //!   pmap active on another CPU (so that shootdowns are sent), the PV queries (`is_modified`,
 //!   `ts_referenced`, `clear_modify`, `remove_write`, `page_exists_quick`,
 //!   `page_mapping_count`), `remove_all`, range removes, a PV allocation failure, and pmap
@@ -402,8 +402,9 @@ fn workload(r: &Rig) {
             assert!(s.page_exists_quick(&p, pa(fr)));
             assert!(s.page_mapping_count(pa(fr)) >= 1);
         }
-        // Demotions: write-protecting a frame of a superpage, protect of part of one, and a
-        // remove of part of one.
+        // Superpages split by write-protecting one frame, by protect of part of one and by a
+        // remove of part of one: each a demotion (at least one, checked below), or the
+        // superpage's removal where the pmap never accessed it (FreeBSD's choice too).
         s.remove_write(pa(block0 + 7 * PAGE_SIZE));
         s.clear_modify(pa(block1 + 9 * PAGE_SIZE));
         s.protect(&p, va(v1), va(v1 + 4 * PAGE_SIZE), Prot::empty())
