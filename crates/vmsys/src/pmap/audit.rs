@@ -288,6 +288,15 @@ impl<P: Platform> PmapSystem<P> {
                 ),
             );
         }
+        if self.pv.damaged() != 0 {
+            err(
+                "PV-1",
+                format!(
+                    "{} PV removals found no entry or list walks met a damaged link",
+                    self.pv.damaged()
+                ),
+            );
+        }
         if chunk_slots_used != rep.pv_entries {
             err(
                 "PV-2",

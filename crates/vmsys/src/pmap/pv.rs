@@ -120,6 +120,10 @@ pub(crate) struct PvPool {
     /// Reserved entries (written under the pool lock, read without it).
     in_use: AtomicU64,
     faults: FaultInjector,
+    /// Damage met: a removal that found no entry, or a list link that leads outside the chunk
+    /// slots (chunk frames are ordinary memory, which a stray write through a stale
+    /// translation can reach). The walk stops there, and the audit reports it (PV-1).
+    damaged: AtomicU64,
 }
 
 struct PoolState {
@@ -173,6 +177,7 @@ impl PvPool {
             }),
             in_use: AtomicU64::new(0),
             faults: FaultInjector::new(),
+            damaged: AtomicU64::new(0),
         }
     }
 
@@ -183,6 +188,11 @@ impl PvPool {
 
     pub fn in_use(&self) -> u64 {
         self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// Damage met so far (see `damaged`).
+    pub fn damaged(&self) -> u64 {
+        self.damaged.load(Ordering::Relaxed)
     }
 
     /// Chunk frames held.
@@ -402,6 +412,8 @@ pub(crate) struct PvPos {
     restarts: u32,
     /// The end was reached.
     done: bool,
+    /// Links followed since the walk (re)began (bounds it if the list is damaged).
+    steps: u64,
 }
 
 impl<P: Platform> super::PmapSystem<P> {
@@ -433,6 +445,28 @@ impl<P: Platform> super::PmapSystem<P> {
         self.pv_put(pa, slot, e);
     }
 
+    /// Whether `next`, read from a slot, may be followed: the end, or a slot of a chunk frame
+    /// (and the walk is not longer than the entries reserved, which a cycle would be).
+    /// Otherwise the damage is counted and the walk ends.
+    #[inline]
+    fn pv_follow(&self, next: u64, steps: u64) -> bool {
+        if next == 0 {
+            return false;
+        }
+        let off = next & (PAGE_SIZE - 1);
+        let ok = off >= HEADER_BYTES
+            && (off - HEADER_BYTES).is_multiple_of(SLOT_BYTES)
+            && steps <= self.pv.in_use()
+            && self
+                .pages
+                .get(PhysAddr::new(next - off))
+                .is_some_and(|m| m.flags() & page_flags::PV_CHUNK != 0);
+        if !ok {
+            self.pv.damaged.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
     fn pv_put(&self, pa: u64, slot: u64, e: PvEntry) {
         let meta = self.pages.meta(PhysAddr::new(pa));
         let mut h = table::lock(&meta.pv, &*self.plat);
@@ -451,10 +485,12 @@ impl<P: Platform> super::PmapSystem<P> {
         let slot = {
             let mut h = table::lock(&meta.pv, plat);
             let (mut prev, mut cur) = (0u64, h.first);
+            let mut steps = 0;
             loop {
                 if cur == 0 {
                     return false;
                 }
+                steps += 1;
                 let (x, next) = read_slot(plat, cur);
                 if x == e {
                     if prev == 0 {
@@ -464,6 +500,9 @@ impl<P: Platform> super::PmapSystem<P> {
                     }
                     h.gen = h.gen.wrapping_add(1);
                     break cur;
+                }
+                if !self.pv_follow(next, steps) {
+                    return false;
                 }
                 (prev, cur) = (cur, next);
             }
@@ -480,8 +519,12 @@ impl<P: Platform> super::PmapSystem<P> {
 
     /// Remove `e` from `pa`'s list and free it.
     pub(crate) fn pv_remove(&self, pa: u64, e: PvEntry) {
-        let found = self.pv_take(pa, e, true);
-        debug_assert!(found, "PV-1: no PV entry {e:?} on frame {pa:#x}");
+        if !self.pv_take(pa, e, true) {
+            // PV-1 broken (a bug, or the list damaged): the audit reports it; the reservation
+            // is returned all the same, so that the pool's count stays that of the mappings.
+            self.pv.damaged.fetch_add(1, Ordering::Relaxed);
+            self.pv_release(1);
+        }
     }
 
     pub(crate) fn pv_release(&self, n: u64) {
@@ -508,11 +551,15 @@ impl<P: Platform> super::PmapSystem<P> {
         let meta = self.pages.get(PhysAddr::new(pa))?;
         let plat = &*self.plat;
         let h = table::lock(&meta.pv, plat);
-        let mut cur = h.first;
+        let (mut cur, mut steps) = (h.first, 0);
         while cur != 0 {
+            steps += 1;
             let (e, next) = read_slot(plat, cur);
             if let ControlFlow::Break(b) = f(e) {
                 return Some(b);
+            }
+            if !self.pv_follow(next, steps) {
+                break;
             }
             cur = next;
         }
@@ -549,9 +596,16 @@ impl<P: Platform> super::PmapSystem<P> {
         let mut cur = if pos.slot == 0 {
             h.first
         } else if pos.gen == h.gen {
-            read_slot(plat, pos.slot).1
+            let next = read_slot(plat, pos.slot).1;
+            pos.steps += 1;
+            if self.pv_follow(next, pos.steps) {
+                next
+            } else {
+                0
+            }
         } else {
             pos.restarts += 1;
+            pos.steps = 0;
             h.first
         };
         while cur != 0 {
@@ -559,6 +613,10 @@ impl<P: Platform> super::PmapSystem<P> {
             if level.is_none_or(|l| l == e.level) {
                 (pos.slot, pos.gen) = (cur, h.gen);
                 return Some(e);
+            }
+            pos.steps += 1;
+            if !self.pv_follow(next, pos.steps) {
+                break;
             }
             cur = next;
         }
