@@ -1119,6 +1119,29 @@ impl Platform for Machine {
             self.check_after_update(me, lo, hi);
         }
     }
+
+    #[inline]
+    fn lock_acquired(&self) {
+        LOCK_DEPTH.with(|d| d.set(d.get() + 1));
+    }
+    #[inline]
+    fn lock_released(&self) {
+        LOCK_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+thread_local! {
+    /// vmsys spin locks held by this host thread (through any machine).
+    static LOCK_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// How many of vmsys's spin locks the calling thread holds, as the pmap told the machine
+/// ([`Platform::lock_acquired`]/[`Platform::lock_released`]). Allocation-free, so a test's
+/// global allocator may call it to tell whether an allocation happens inside a critical
+/// section.
+#[inline]
+pub fn lock_depth() -> u32 {
+    LOCK_DEPTH.with(|d| d.get())
 }
 
 /// Whether a store of `new` over `old` replaced a valid entry: the only kind of page-table

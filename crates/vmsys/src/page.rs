@@ -12,7 +12,7 @@
 //! | field | protection |
 //! |---|---|
 //! | `ref_count`, `flags` | atomics; the pmap's page-table locks order their updates |
-//! | `pv` | its own spin lock |
+//! | `pv` (the head of the frame's PV list and its generation; the list's entries live in PV chunk frames, see `pmap::pv`) | its own spin lock, which also covers the entries on the list (their contents and links) |
 //! | `domain` | immutable after construction |
 //! | buddy order, free-list links | the buddy allocator's lock of the frame's domain |
 //! | owner object and page index | written by the allocator that hands the frame to an object (under its lock) or by the holder of the exclusive busy lock; read with atomics |
@@ -40,6 +40,32 @@ pub struct PvEntry {
     /// The table level of the leaf: a superpage mapping's PV entry lives on the list of the
     /// superpage's first frame.
     pub level: u8,
+}
+
+/// The head of a managed frame's PV list (under the frame's PV spin lock).
+///
+/// The entries themselves are slots of PV chunk frames, threaded into a list through their
+/// link words; the record holds only where the list starts and a generation that every change
+/// of the list bumps (so that a walk which let go of the lock can tell whether its place is
+/// still valid).
+#[derive(Debug, Default)]
+pub struct PvHead {
+    /// The physical address of the first entry's slot; 0 when the list is empty (no slot is
+    /// at offset 0 of a chunk, which holds its header).
+    pub(crate) first: u64,
+    /// Bumped by every insertion and removal.
+    pub(crate) gen: u32,
+}
+
+impl PvHead {
+    /// An empty list.
+    pub const fn new() -> Self {
+        PvHead { first: 0, gen: 0 }
+    }
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.first == 0
+    }
 }
 
 /// What a frame is used for, as far as the pmap is concerned.
@@ -147,8 +173,8 @@ pub struct PageMeta {
     pub ref_count: AtomicU32,
     /// [`page_flags`].
     pub flags: AtomicU32,
-    /// PV entries of a managed frame.
-    pub pv: spin::Mutex<Vec<PvEntry>>,
+    /// The PV list of a managed frame (its entries live in PV chunk frames).
+    pub(crate) pv: spin::Mutex<PvHead>,
     /// The NUMA domain of the frame (immutable).
     domain: u8,
     /// Buddy state: `ORDER_FREE | k`, `ORDER_ALLOC | k` or `ORDER_NONE` (buddy domain lock).
@@ -176,7 +202,7 @@ impl PageMeta {
         PageMeta {
             ref_count: AtomicU32::new(0),
             flags: AtomicU32::new(0),
-            pv: spin::Mutex::new(Vec::new()),
+            pv: spin::Mutex::new(PvHead::new()),
             domain,
             order: AtomicU8::new(ORDER_NONE),
             psind: AtomicU8::new(0),

@@ -398,6 +398,16 @@ pub trait Platform: Send + Sync {
     /// Debug annotation: the change begun by [`Platform::pt_update_begin`] is complete, its
     /// invalidations included.
     fn pt_update_end(&self) {}
+
+    /// Debug annotation: the current CPU took one of vmsys's spin locks (every lock taken
+    /// through [`lock_interruptible`]: pmap, PV list, PV pool, ...). Paired with
+    /// [`Platform::lock_released`]; a platform may count the depth to check what happens inside
+    /// critical sections (the simulator's allocation test does). No-op on real hardware.
+    #[inline]
+    fn lock_acquired(&self) {}
+    /// Debug annotation: the lock announced by [`Platform::lock_acquired`] was released.
+    #[inline]
+    fn lock_released(&self) {}
 }
 
 /// Acquire `m`, taking this CPU's interrupts while spinning. Any lock that may be held while
@@ -405,14 +415,46 @@ pub trait Platform: Send + Sync {
 /// must be taken this way, or a CPU spinning on it never acknowledges and both wait forever.
 pub fn lock_interruptible<'a, T, P: Platform + ?Sized>(
     m: &'a spin::Mutex<T>,
-    plat: &P,
-) -> spin::MutexGuard<'a, T> {
+    plat: &'a P,
+) -> SpinGuard<'a, T, P> {
     loop {
         if let Some(g) = m.try_lock() {
-            return g;
+            plat.lock_acquired();
+            return SpinGuard { g, plat };
         }
         plat.interrupt_point();
         core::hint::spin_loop();
+    }
+}
+
+/// A spin lock held through [`lock_interruptible`]: the lock's guard, which tells the platform
+/// when it is released ([`Platform::lock_released`]).
+pub struct SpinGuard<'a, T, P: Platform + ?Sized> {
+    g: spin::MutexGuard<'a, T>,
+    plat: &'a P,
+}
+
+impl<T, P: Platform + ?Sized> core::ops::Deref for SpinGuard<'_, T, P> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.g
+    }
+}
+
+impl<T, P: Platform + ?Sized> core::ops::DerefMut for SpinGuard<'_, T, P> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.g
+    }
+}
+
+impl<T, P: Platform + ?Sized> Drop for SpinGuard<'_, T, P> {
+    #[inline]
+    fn drop(&mut self) {
+        // Announced while the lock is still held (the guard's field drops after this body):
+        // nothing the holder does is outside the bracket.
+        self.plat.lock_released();
     }
 }
 

@@ -972,7 +972,7 @@ mod tests {
     /// every build, for every frame of the block and every free path, and changes nothing.
     #[test]
     fn free_of_a_wired_frame_is_refused_in_every_build() {
-        use crate::page::{page_flags, PvEntry};
+        use crate::page::page_flags;
         let b = buddy(&[PhysSegment::new(0, 4 * MB, 0)]);
         let a = b.alloc(0, 2).unwrap();
         let third = a + 2 * PAGE_SIZE;
@@ -1011,14 +1011,9 @@ mod tests {
                 },
             ),
             (
-                |m| {
-                    m.pv.lock().push(PvEntry {
-                        pmap: 1,
-                        va: 0x1000,
-                        level: 3,
-                    })
-                },
-                |m| m.pv.lock().clear(),
+                // A non-empty PV list: its head names a slot (what the PV chunks would link).
+                |m| m.pv.lock().first = 0x1040,
+                |m| *m.pv.lock() = crate::page::PvHead::new(),
                 PhysError::Mapped(third),
             ),
         ];

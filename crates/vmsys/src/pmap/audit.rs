@@ -260,12 +260,17 @@ impl<P: Platform> PmapSystem<P> {
         // PV-1: the lists equal what the tables imply.
         let mut actual: BTreeMap<(u64, PvEntry), u32> = BTreeMap::new();
         let mut chunks = 0u64;
+        let mut chunk_slots_used = 0u64;
         for (pa, meta) in self.pages.iter() {
             if meta.flags() & page_flags::PV_CHUNK != 0 {
                 chunks += 1;
+                match self.pv_chunk_used(pa.as_u64()) {
+                    Ok(n) => chunk_slots_used += n,
+                    Err(why) => err("PV-2", format!("PV chunk {pa}: {why}")),
+                }
             }
-            for e in table::lock(&meta.pv, &*self.plat).iter() {
-                *actual.entry((pa.as_u64(), *e)).or_default() += 1;
+            for e in self.pv_collect(pa.as_u64()) {
+                *actual.entry((pa.as_u64(), e)).or_default() += 1;
             }
         }
         rep.pv_entries = actual.values().map(|&c| c as u64).sum();
@@ -304,6 +309,24 @@ impl<P: Platform> PmapSystem<P> {
                     "{} PV entries listed, pool counts {}",
                     rep.pv_entries,
                     self.pv.in_use()
+                ),
+            );
+        }
+        if self.pv.damaged() != 0 {
+            err(
+                "PV-1",
+                format!(
+                    "{} PV removals found no entry or list walks met a damaged link",
+                    self.pv.damaged()
+                ),
+            );
+        }
+        if chunk_slots_used != rep.pv_entries {
+            err(
+                "PV-2",
+                format!(
+                    "{} PV entries listed, chunks have {chunk_slots_used} slots in use",
+                    rep.pv_entries
                 ),
             );
         }

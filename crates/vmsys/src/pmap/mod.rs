@@ -400,9 +400,9 @@ impl<P: Platform> PmapSystem<P> {
     /// Take `pmap`'s lock, refusing a pmap destroyed meanwhile: `destroy` marks it under this
     /// lock before freeing anything, so a holder that saw it live works on live tables.
     pub(crate) fn lock_live<'a>(
-        &self,
+        &'a self,
         pmap: &'a Pmap,
-    ) -> Result<spin::MutexGuard<'a, PmapState>, PmapError> {
+    ) -> Result<crate::platform::SpinGuard<'a, PmapState, P>, PmapError> {
         let st = table::lock(&pmap.state, &*self.plat);
         if pmap.life.load(Ordering::SeqCst) == DEAD {
             return Err(PmapError::Destroyed);

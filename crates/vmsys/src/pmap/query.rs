@@ -5,9 +5,9 @@
 //! (PT-8, from the format's layout: never an alias made by masking each level's index), and
 //! `None` for a destroyed pmap or one of another system (PT-7).
 //!
-//! The page-level ones go through the frame's PV entries: the list is copied under its lock,
-//! then each mapping is re-checked under its pmap's lock (the pmap lock comes first in the lock
-//! order, so it cannot be taken while a PV list lock is held).
+//! The page-level ones go through the frame's PV entries: the list is walked one entry per hold
+//! of its lock, and each mapping is re-checked under its pmap's lock (the pmap lock comes first
+//! in the lock order, so it cannot be taken while a PV list lock is held).
 
 use vmsys_arch::{Entry, Prot, PteFlags};
 
@@ -116,31 +116,41 @@ impl<P: Platform> PmapSystem<P> {
         mut f: impl FnMut(&Pmap, &mut super::PmapState, u64, usize, u64, &mut Flush) -> bool,
     ) {
         let pa = pa & !(PAGE_SIZE - 1);
-        for (e, head) in self.all_mappings(pa) {
-            let Some(pmap) = self.lookup_pmap(e.pmap) else {
-                continue;
-            };
-            let mut st = table::lock(&pmap.state, &*self.plat);
-            if pmap.is_destroyed() || !self.pv_list(head).contains(&e) {
+        let g = &self.geom;
+        // Each list is walked one entry per PV-lock hold (the pmap lock comes first in the lock
+        // order); 4 KiB entries on the frame's own list, then superpages, larger last.
+        'lists: for lvl in (0..=g.last()).rev() {
+            if lvl != g.last() && g.levels[lvl].leaf.is_none() {
                 continue;
             }
-            let level = e.level as usize;
-            let va = e.va + (pa - head);
-            let mut flush = Flush::new();
-            let slot = match self.cursor_at(&pmap, va) {
-                Found::Run { table, idx } if level == self.geom.last() => {
-                    self.geom.slot(table, idx)
-                }
-                Found::Super { level: l, slot, .. } if l == level => slot,
-                _ => {
-                    debug_assert!(false, "PV-1: PV entry {e:?} without its mapping");
+            let head = pa & !(g.levels[lvl].span - 1);
+            let mut pos = super::pv::PvPos::default();
+            while let Some(e) = self.pv_next(head, Some(lvl as u8), &mut pos) {
+                let Some(pmap) = self.lookup_pmap(e.pmap) else {
+                    continue;
+                };
+                let mut st = table::lock(&pmap.state, &*self.plat);
+                if pmap.is_destroyed() || !self.pv_contains(head, e) {
                     continue;
                 }
-            };
-            let go = f(&pmap, &mut st, slot, level, va, &mut flush);
-            self.complete(&pmap, flush);
-            if !go {
-                break;
+                let level = e.level as usize;
+                let va = e.va + (pa - head);
+                let mut flush = Flush::new();
+                let slot = match self.cursor_at(&pmap, va) {
+                    Found::Run { table, idx } if level == self.geom.last() => {
+                        self.geom.slot(table, idx)
+                    }
+                    Found::Super { level: l, slot, .. } if l == level => slot,
+                    _ => {
+                        debug_assert!(false, "PV-1: PV entry {e:?} without its mapping");
+                        continue;
+                    }
+                };
+                let go = f(&pmap, &mut st, slot, level, va, &mut flush);
+                self.complete(&pmap, flush);
+                if !go {
+                    break 'lists;
+                }
             }
         }
     }
@@ -253,20 +263,33 @@ impl<P: Platform> PmapSystem<P> {
         if self.usable(pmap).is_err() {
             return false;
         }
-        self.all_mappings(pa.as_u64() & !(PAGE_SIZE - 1))
-            .iter()
-            .take(16)
-            .any(|(e, _)| e.pmap == pmap.id)
+        let mut seen = 0;
+        self.pv_mappings(pa.as_u64(), |e, _| {
+            seen += 1;
+            if e.pmap == pmap.id {
+                core::ops::ControlFlow::Break(true)
+            } else if seen == 16 {
+                core::ops::ControlFlow::Break(false)
+            } else {
+                core::ops::ControlFlow::Continue(())
+            }
+        })
+        .unwrap_or(false)
     }
 
     /// Number of mappings of `pa` (4 KiB and superpage).
     pub fn page_mapping_count(&self, pa: PhysAddr) -> usize {
-        self.all_mappings(pa.as_u64() & !(PAGE_SIZE - 1)).len()
+        let mut n = 0;
+        self.pv_mappings(pa.as_u64(), |_, _| {
+            n += 1;
+            core::ops::ControlFlow::<()>::Continue(())
+        });
+        n
     }
 
     /// The PV entries on `pa`'s own list.
     pub fn pv_entries(&self, pa: PhysAddr) -> alloc::vec::Vec<PvEntry> {
-        self.pv_list(pa.as_u64())
+        self.pv_collect(pa.as_u64())
     }
 }
 

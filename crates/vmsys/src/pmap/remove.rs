@@ -336,7 +336,7 @@ impl<P: Platform> PmapSystem<P> {
             self.plat
                 .pt_update_begin(VirtAddr::new(e.va), VirtAddr::new(e.va + size));
             // Re-check under the pmap lock: the mapping may have changed meanwhile.
-            if self.pv_list(head).contains(&e) {
+            if self.pv_contains(head, e) {
                 if e.level as usize == self.geom.last() {
                     let _ = self.remove_locked(&pmap, &mut st, va, va + PAGE_SIZE, &mut flush);
                 } else {
@@ -359,50 +359,7 @@ impl<P: Platform> PmapSystem<P> {
     /// the list of the superpage's first frame. Returns the entry and the frame whose list
     /// holds it.
     pub(crate) fn first_mapping(&self, pa: u64) -> Option<(PvEntry, u64)> {
-        let g = &self.geom;
-        let last = g.last() as u8;
-        if let Some(e) = self.pv_list(pa).into_iter().find(|e| e.level == last) {
-            return Some((e, pa));
-        }
-        for lvl in (0..g.last()).rev() {
-            if g.levels[lvl].leaf.is_none() {
-                continue;
-            }
-            let head = pa & !(g.levels[lvl].span - 1);
-            if let Some(e) = self
-                .pv_list(head)
-                .into_iter()
-                .find(|e| e.level as usize == lvl)
-            {
-                return Some((e, head));
-            }
-        }
-        None
-    }
-
-    /// Every mapping of frame `pa` (4 KiB and superpage), with the list that holds each.
-    pub(crate) fn all_mappings(&self, pa: u64) -> alloc::vec::Vec<(PvEntry, u64)> {
-        let g = &self.geom;
-        let last = g.last() as u8;
-        let mut out: alloc::vec::Vec<(PvEntry, u64)> = self
-            .pv_list(pa)
-            .into_iter()
-            .filter(|e| e.level == last)
-            .map(|e| (e, pa))
-            .collect();
-        for lvl in (0..g.last()).rev() {
-            if g.levels[lvl].leaf.is_none() {
-                continue;
-            }
-            let head = pa & !(g.levels[lvl].span - 1);
-            out.extend(
-                self.pv_list(head)
-                    .into_iter()
-                    .filter(|e| e.level as usize == lvl)
-                    .map(|e| (e, head)),
-            );
-        }
-        out
+        self.pv_mappings(pa, |e, head| core::ops::ControlFlow::Break((e, head)))
     }
 
     /// Take rights away from `[sva, eva)`: write and/or execute, whatever `prot` lacks

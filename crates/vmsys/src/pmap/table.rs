@@ -7,12 +7,13 @@ use crate::platform::Platform;
 use super::geom::Geometry;
 
 /// Acquire `m`, taking this CPU's interrupts while spinning: the holder may be waiting for this
-/// CPU to acknowledge a TLB shootdown.
+/// CPU to acknowledge a TLB shootdown. The platform hears of the acquisition and the release
+/// ([`Platform::lock_acquired`]), which is how a test checks that nothing allocates inside.
 #[inline]
 pub(crate) fn lock<'a, T, P: Platform + ?Sized>(
     m: &'a spin::Mutex<T>,
-    plat: &P,
-) -> spin::MutexGuard<'a, T> {
+    plat: &'a P,
+) -> crate::platform::SpinGuard<'a, T, P> {
     crate::platform::lock_interruptible(m, plat)
 }
 
