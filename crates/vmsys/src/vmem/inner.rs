@@ -526,7 +526,7 @@ impl Inner {
         })
     }
 
-    /// Check every invariant of the state under the lock (see docs/invariants/vmem.md).
+    /// Check every invariant of the state under the lock (docs/INVARIANTS.md, VMEM-1..12).
     pub fn audit(&self) -> Result<(), String> {
         let q = self.quantum;
         let s = &self.segs;

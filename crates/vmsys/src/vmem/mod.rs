@@ -18,7 +18,7 @@
 //!
 //! Every operation counts its elementary steps (list nodes visited, hash probes, bitmap scans,
 //! magazine operations) in [`VmemStats::work`], so that tests show constant time by counting,
-//! not timing. [`Arena::audit`] checks every invariant of docs/invariants/vmem.md.
+//! not timing. [`Arena::audit`] checks every invariant VMEM-1..12 of docs/INVARIANTS.md.
 //!
 //! Locking: one `spin::Mutex` for the arena's segments; one per CPU per quantum cache and one
 //! per depot. The arena lock is never held while a cache lock is taken or the source is
@@ -714,8 +714,8 @@ impl Arena {
         self.stats().work
     }
 
-    /// Check every invariant (docs/invariants/vmem.md): the segment list, free lists, bitmap,
-    /// hash, slab and counters, and that the quantum caches hold only allocated segments of
+    /// Check every invariant (VMEM-1..12 of docs/INVARIANTS.md): the segment list, free lists,
+    /// bitmap, hash, slab and counters, and that the quantum caches hold only allocated segments of
     /// their size, each once. The cross-check between caches and arena is exact only when no
     /// other thread is using the arena.
     pub fn audit(&self) -> Result<(), String> {
