@@ -4,28 +4,16 @@
 //!
 //! `cargo run --release -p vmsys-qemu --example sim_shootdown`
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use vmsys::arch::{FormatId, Prot};
-use vmsys::page::PageArray;
-use vmsys::phys::BuddyAllocator;
-use vmsys::platform::Platform;
-use vmsys::{EnterFlags, PmapConfig, PmapSystem, VirtAddr};
-use vmsys_sim::{Machine, MachineConfig};
+use vmsys::arch::Prot;
+use vmsys::{EnterFlags, VirtAddr};
+
+#[path = "../tests/sim/mod.rs"]
+mod sim;
 
 fn main() {
-    let m =
-        Machine::new(MachineConfig::new(FormatId::Amd64).cpus(4).mem(256 << 20)).expect("machine");
-    let pages = Arc::new(PageArray::new(m.phys_segments()));
-    let buddy = Arc::new(BuddyAllocator::new(pages.clone()));
-    let cfg = PmapConfig {
-        use_tags: false,
-        ..PmapConfig::default()
-    };
-    let sys =
-        PmapSystem::bootstrap_with_pages(m.clone(), buddy.clone(), pages, cfg).expect("bootstrap");
-    sys.install_fault_handler();
+    let (m, buddy, sys) = sim::sim_pmap(4, 256 << 20);
     let p = sys.create().expect("create");
     for c in 0..4 {
         m.run_on(c, |_| {

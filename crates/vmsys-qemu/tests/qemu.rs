@@ -8,18 +8,15 @@
 //! Without QEMU the tests say so loudly and return, unless `CI` or `VMSYS_REQUIRE_QEMU` is set
 //! (as `.ci/run` does), where a missing QEMU fails them.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use vmsys::page::PageArray;
-use vmsys::phys::BuddyAllocator;
-use vmsys::platform::Platform;
-use vmsys::{PmapConfig, PmapSystem};
 use vmsys_qemu::ad::{self, Mmu};
 use vmsys_qemu::{
     boot, build_kernel, qemu_available, BootOptions, Ending, Report, INSTALL_HINT, QEMU,
 };
-use vmsys_sim::{Machine, MachineConfig};
+
+mod sim;
 
 fn qemu_or_skip() -> bool {
     if qemu_available() {
@@ -125,21 +122,7 @@ impl Mmu for SimMmu<'_> {
 /// The A/D sequence of `vmsys_qemu::ad` on the simulator, configured as the kernel runs the
 /// pmap (amd64, no PCIDs: QEMU's TCG offers none), one line per step as the kernel prints it.
 fn sim_ad_lines() -> Vec<String> {
-    let m = Machine::new(
-        MachineConfig::new(vmsys::arch::FormatId::Amd64)
-            .cpus(1)
-            .mem(64 << 20),
-    )
-    .expect("machine");
-    let pages = Arc::new(PageArray::new(m.phys_segments()));
-    let buddy = Arc::new(BuddyAllocator::new(pages.clone()));
-    let cfg = PmapConfig {
-        use_tags: false,
-        ..PmapConfig::default()
-    };
-    let sys =
-        PmapSystem::bootstrap_with_pages(m.clone(), buddy.clone(), pages, cfg).expect("bootstrap");
-    sys.install_fault_handler();
+    let (m, buddy, sys) = sim::sim_pmap(1, 64 << 20);
     let mut out = Vec::new();
     m.run_on(0, |cpu| {
         sys.init_cpu();
