@@ -125,6 +125,27 @@ fn e<E: core::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |err| format!("{what}: {err}")
 }
 
+/// Pages `pages` of the run at `va` read the pattern of the frames at `pa` onwards.
+fn expect_frames(va: u64, pa: PhysAddr, pages: impl IntoIterator<Item = u64>) -> R {
+    for i in pages {
+        expect_word(va + i * PAGE_SIZE, pattern(pa.as_u64() + i * PAGE_SIZE))?;
+    }
+    Ok(())
+}
+
+/// `len` bytes of frames from `pa`, mapped writable and managed at `va` by one `enter_range`.
+fn map_managed_range(sys: &Sys, p: &vmsys::Pmap, va: u64, pa: PhysAddr, len: u64) -> R {
+    sys.enter_range(
+        p,
+        VirtAddr::new(va),
+        pa,
+        len,
+        Prot::WRITE,
+        EnterFlags::MANAGED,
+    )
+    .map_err(e("enter_range"))
+}
+
 /// enter / protect / remove of one page size, checked through the MMU.
 fn page_size_cycle(c: &Ctx, psind: usize, order: usize, unmanaged_pa: Option<u64>) -> R {
     let sys = c.sys;
@@ -239,9 +260,7 @@ fn promotion_and_demotion(c: &Ctx) -> R {
                 m.size
             ));
         }
-        for i in (0..512).step_by(97) {
-            expect_word(va + i * PAGE_SIZE, pattern(pa.as_u64() + i * PAGE_SIZE))?;
-        }
+        expect_frames(va, pa, (0..512).step_by(97))?;
         // Write-protect one 4 KiB page: the superpage must be demoted.
         let one = va + 5 * PAGE_SIZE;
         sys.protect(
@@ -282,18 +301,8 @@ fn range_map_unmap(c: &Ctx) -> R {
     // Across a 2 MiB boundary, so that two last-level tables are filled by the cursor.
     let va = UVA + 3 * GB1 + MB2 - 32 * PAGE_SIZE;
     let r = (|| {
-        sys.enter_range(
-            &p,
-            VirtAddr::new(va),
-            pa,
-            len,
-            Prot::WRITE,
-            EnterFlags::MANAGED,
-        )
-        .map_err(e("enter_range"))?;
-        for i in 0..64 {
-            expect_word(va + i * PAGE_SIZE, pattern(pa.as_u64() + i * PAGE_SIZE))?;
-        }
+        map_managed_range(sys, &p, va, pa, len)?;
+        expect_frames(va, pa, 0..64)?;
         if p.resident_count() != 64 {
             return Err(format!("resident count {}", p.resident_count()));
         }
@@ -419,15 +428,7 @@ fn copy_to_child(c: &Ctx) -> R {
     let va = UVA + 4 * GB1;
     let len = 8 * PAGE_SIZE;
     let r = (|| {
-        sys.enter_range(
-            &src,
-            VirtAddr::new(va),
-            pa,
-            len,
-            Prot::WRITE,
-            EnterFlags::MANAGED,
-        )
-        .map_err(e("enter_range"))?;
+        map_managed_range(sys, &src, va, pa, len)?;
         let n = sys
             .copy(&dst, &src, VirtAddr::new(va), len)
             .map_err(e("copy"))?;
